@@ -29,6 +29,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # summed over the request's samples
+    num_token_steps: int = 0  # engine steps in which the request produced tokens
 
     @property
     def ttft(self) -> float | None:
@@ -50,13 +51,12 @@ class RequestMetrics:
 
     @property
     def tpot(self) -> float | None:
-        """Time per output token after the first: (last - first) / (tokens - 1), per sample."""
+        """Time per output token after the first: (last - first) / (token steps - 1)."""
         if self.first_token_time is None or self.last_token_time is None:
             return None
-        per_sample = max(self.num_generated_tokens, 1)
-        if per_sample <= 1:
+        if self.num_token_steps <= 1:
             return 0.0
-        return (self.last_token_time - self.first_token_time) / (per_sample - 1)
+        return (self.last_token_time - self.first_token_time) / (self.num_token_steps - 1)
 
 
 @dataclass
@@ -73,6 +73,8 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[PositionLogprobs] | None = None
+    # Per token, the top (token id, probability) after the sampling controls, when asked for.
+    processed_top: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -52,6 +52,12 @@ class Sequence:
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
     # Set by the scheduler: how many tokens of this sequence the current step computes.
     num_scheduled_tokens: int = 0
+    # What changed since the last RequestOutput (reset when the engine reports it).
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    delta_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    # Playground: per generated token, the top (token id, probability) after all sampling controls.
+    processed_top: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -92,6 +98,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     metrics: RequestMetrics = None  # type: ignore[assignment]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_logits_chunks: list[torch.Tensor] = field(default_factory=list)  # until the prompt is done
     beam_state: Any = None  # engine.beam_search.BeamGroup for num_beams > 1
     num_preemptions: int = 0
 
