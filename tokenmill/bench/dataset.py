@@ -1,0 +1,87 @@
+"""Benchmark prompts: synthetic ones cut from real prose shipped with the package, or a JSONL file.
+
+Synthetic prompts are windows of ``input_len`` tokens taken at seeded random offsets in
+``data/prose.txt`` (wrapping around when the window runs past the end), so the model sees
+ordinary English rather than random ids, and every run with the same seed sends the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+PROSE_PATH = Path(__file__).parent / "data" / "prose.txt"
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass
+class BenchPrompt:
+    """One benchmark request: the prompt as token ids and as text, and how many tokens to generate."""
+
+    text: str
+    token_ids: list[int]
+    output_len: int
+
+
+def synthetic_prompts(tokenizer: TextTokenizer, num_prompts: int, input_len: int, output_len: int,
+                      seed: int = 0) -> list[BenchPrompt]:
+    """``num_prompts`` prompts of exactly ``input_len`` tokens cut from the shipped prose."""
+    _check_positive("num_prompts", num_prompts)
+    _check_positive("input_len", input_len)
+    _check_positive("output_len", output_len)
+    corpus = tokenizer.encode(PROSE_PATH.read_text(encoding="utf-8"), add_special_tokens=False)
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        start = rng.randrange(len(corpus))
+        # Repeat the corpus as often as needed so any input_len fits, then cut one window.
+        reps = (start + input_len) // len(corpus) + 1
+        ids = (corpus * reps)[start:start + input_len]
+        prompts.append(BenchPrompt(tokenizer.decode(ids, skip_special_tokens=False), ids, output_len))
+    return prompts
+
+
+def load_jsonl_prompts(path: str | Path, tokenizer: TextTokenizer, num_prompts: int,
+                       output_len: int) -> list[BenchPrompt]:
+    """Prompts from a JSONL file: one object per line with ``"prompt"`` (text) and optionally
+    ``"output_len"`` (overrides ``output_len``). Takes the first ``num_prompts`` lines, cycling
+    through the file again when it has fewer."""
+    _check_positive("num_prompts", num_prompts)
+    _check_positive("output_len", output_len)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                rows.append(_parse_row(line, lineno, path, output_len))
+    if not rows:
+        raise ValueError(f"dataset {path}: no prompts found")
+    prompts = []
+    for i in range(num_prompts):
+        text, out_len = rows[i % len(rows)]
+        prompts.append(BenchPrompt(text, tokenizer.encode(text), out_len))
+    return prompts
+
+
+def _parse_row(line: str, lineno: int, path: str | Path, output_len: int) -> tuple[str, int]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"dataset {path} line {lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        raise ValueError(f"dataset {path} line {lineno}: expected an object with a non-empty string \"prompt\"")
+    out_len = row.get("output_len", output_len)
+    if isinstance(out_len, bool) or not isinstance(out_len, int) or out_len < 1:
+        raise ValueError(f"dataset {path} line {lineno}: output_len must be an integer >= 1, got {out_len!r}")
+    return row["prompt"], out_len
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,122 @@
+"""Serving benchmark: the same workload over HTTP against any OpenAI-compatible server.
+
+Each request is a streaming ``POST /v1/completions`` with ``stream_options.include_usage``,
+so TTFT and inter-token gaps are measured at the client, network and server queue included.
+Requests are released on a Poisson schedule (``request_rate`` per second; inf: all at once)
+and at most ``concurrency`` are in flight. The token count of a request comes from the
+server's final usage chunk when it sends one, else from the number of text chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from tokenmill.bench.dataset import BenchPrompt
+from tokenmill.bench.metrics import BenchResult, RequestRecord, summarize
+
+
+async def fetch_model_name(client: httpx.AsyncClient, base_url: str) -> str:
+    """The first model the server lists at ``GET /v1/models``."""
+    resp = await client.get(f"{base_url}/v1/models")
+    resp.raise_for_status()
+    data = resp.json().get("data") or []
+    if not data:
+        raise ValueError(f"{base_url}/v1/models lists no model; pass --served-model-name")
+    return data[0]["id"]
+
+
+def arrival_delays(num: int, request_rate: float, seed: int = 0) -> list[float]:
+    """Seconds after the start at which each request is released: a Poisson process of ``request_rate``."""
+    if not request_rate > 0:
+        raise ValueError(f"request_rate must be > 0 (inf for all at once), got {request_rate}")
+    if math.isinf(request_rate):
+        return [0.0] * num
+    rng = random.Random(seed)
+    delays, t = [], 0.0
+    for _ in range(num):
+        delays.append(t)
+        t += rng.expovariate(request_rate)
+    return delays
+
+
+async def run_serving(base_url: str, prompts: list[BenchPrompt], *, model: str | None = None,
+                      concurrency: int | None = None, request_rate: float = math.inf, seed: int = 0,
+                      api_key: str | None = None, timeout_s: float = 600.0, progress: bool = True) -> BenchResult:
+    """Benchmark the server at ``base_url`` (e.g. http://127.0.0.1:8000) with ``prompts``."""
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    base_url = base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency or len(prompts) or 1)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits) as client:
+        model = model or await fetch_model_name(client, base_url)
+        slots = asyncio.Semaphore(concurrency or len(prompts) or 1)
+        bar = tqdm(total=len(prompts), desc=f"bench {base_url}", disable=not progress, leave=False)
+        start = time.perf_counter()
+
+        async def one(prompt: BenchPrompt, delay: float) -> RequestRecord:
+            await asyncio.sleep(delay)
+            async with slots:
+                record = await _send(client, base_url, model, prompt)
+            bar.update(1)
+            return record
+
+        delays = arrival_delays(len(prompts), request_rate, seed)
+        records = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays, strict=True)))
+        duration = time.perf_counter() - start
+        bar.close()
+    return summarize(list(records), duration, backend="http", concurrency=concurrency, request_rate=request_rate)
+
+
+def completion_body(model: str, prompt: BenchPrompt) -> dict[str, Any]:
+    """The streaming /v1/completions request for one prompt (ignore_eos is understood by tokenmill,
+    vLLM and llama.cpp; servers without it may stop early, which the token counts then show)."""
+    return {"model": model, "prompt": prompt.text, "max_tokens": prompt.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def _send(client: httpx.AsyncClient, base_url: str, model: str, prompt: BenchPrompt) -> RequestRecord:
+    record = RequestRecord(prompt_tokens=len(prompt.token_ids), start_time=time.perf_counter())
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=completion_body(model, prompt)) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                record.error = f"HTTP {resp.status_code}: {body[:300]}"
+                return record
+            async for line in resp.aiter_lines():
+                usage = _handle_line(line, record) or usage
+    except httpx.HTTPError as e:
+        record.error = f"{type(e).__name__}: {e}"
+        return record
+    record.end_time = time.perf_counter()
+    if usage:
+        # The server's counts are exact; a chunk may hold several tokens or none.
+        record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
+        record.output_tokens = usage.get("completion_tokens", record.output_tokens)
+    return record
+
+
+def _handle_line(line: str, record: RequestRecord) -> dict[str, Any] | None:
+    """Parse one SSE line into ``record``; returns the usage object when the line carries one."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:"):].strip()
+    if payload == "[DONE]":
+        return None
+    event = json.loads(payload)
+    if "error" in event:
+        record.error = str(event["error"].get("message", event["error"]))
+        return None
+    choices = event.get("choices") or []
+    if choices and choices[0].get("text"):
+        record.add_chunk(time.perf_counter(), 1)
+    return event.get("usage")
