@@ -1,0 +1,426 @@
+"""The token-selection pipeline: logits of one step -> the next token of every sequence.
+
+Each row of the logits ``[B, V]`` is one sequence with its own SamplingParams. The steps
+run in this order, each a small pure function over the whole batch:
+
+1. ``apply_logit_bias`` adds the request's logit_bias, then ``apply_min_tokens_mask`` sets
+   the EOS ids and stop_token_ids to -inf while fewer than min_tokens tokens are out.
+2. ``apply_repetition_penalty``: every token seen in the prompt or the output has its logit
+   divided by the penalty when positive and multiplied by it when negative (transformers).
+3. ``apply_frequency_presence``: logit -= frequency * count + presence * (count > 0), over the
+   output tokens only (OpenAI).
+4. ``apply_temperature``: logits / temperature. Temperature 0 (or below 1e-5, as vLLM does, to
+   avoid overflow) is greedy: the argmax of the logits after step 3, skipping 5-7.
+5. ``apply_top_k``: keep the k largest logits (ties with the k-th are kept, as in transformers).
+6. ``apply_top_p``: keep the smallest set of most likely tokens whose probability reaches top_p.
+7. ``apply_min_p``: drop tokens whose probability is below min_p times the top token's.
+8. ``sample``: inverse CDF over the vocabulary in token-id order with one uniform per row drawn
+   from that row's own generator. The result depends only on the row's logits, its parameters
+   and its generator, so a seeded request gives the same tokens alone or in any batch.
+
+Reported logprobs are the raw model distribution (log_softmax before step 1), like vLLM's
+default. Fast paths: a batch that is all greedy with nothing in steps 1-3 is a single argmax;
+count tensors for penalties are built only when some row uses a penalty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+# Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
+_GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SampleRow:
+    """One row of the logits: one sequence to choose the next token for."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None  # the request's own generator (seeded when params.seed is set)
+
+
+@dataclass
+class SamplerOutput:
+    """The chosen token of every row, moved to the CPU once."""
+
+    token_ids: list[int]  # [B]
+    logprobs: list[float]  # [B] chosen token's logprob under the raw distribution
+    top_logprobs: list[dict[int, float]] | None  # per row, its params.logprobs best raw alternatives
+    ranks: list[int] | None  # rank of the chosen token under the raw distribution (1 = most likely)
+    processed_top: list[list[tuple[int, float]]] | None  # per row: (id, prob) after all controls
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step tensors built once from the rows; ``None`` means no row uses that step."""
+
+    num_rows: int
+    all_greedy: bool
+    greedy: torch.Tensor  # [B] bool
+    greedy_rows: list[bool]  # the same on the host, so sampling needs no device sync
+    generators: list[torch.Generator | None]
+    # Step 1: sparse (row, token) coordinates.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows [N], tokens [N], values [N]
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows [M], tokens [M]
+    # Step 2.
+    repetition_penalty: torch.Tensor | None  # [B, 1]
+    seen_mask: torch.Tensor | None  # [B, V] bool: token in prompt or output
+    # Step 3.
+    frequency_penalty: torch.Tensor | None  # [B, 1]
+    presence_penalty: torch.Tensor | None  # [B, 1]
+    output_counts: torch.Tensor | None  # [B, V] float: occurrences in the output
+    # Steps 4-7 (greedy rows carry neutral values).
+    temperature: torch.Tensor  # [B, 1]
+    top_k: torch.Tensor | None  # [B] long, 0 = off
+    max_top_k: int
+    top_p: torch.Tensor | None  # [B, 1], 1 = off
+    top_p_candidates: int | None  # sort only this many candidates for top_p (None: whole vocab)
+    min_p: torch.Tensor | None  # [B, 1], 0 = off
+    # Reporting.
+    logprobs_k: list[int | None]
+    processed_k: list[int | None]
+
+    @property
+    def needs_processing(self) -> bool:
+        """True when some row uses step 1, 2 or 3."""
+        return any(t is not None for t in (self.bias, self.min_tokens_mask, self.seen_mask,
+                                           self.output_counts))
+
+    @staticmethod
+    def build(rows: list[SampleRow], vocab_size: int, eos_token_ids: list[int],
+              device: torch.device) -> SamplingBatch:
+        """Gather the rows' parameters into tensors on ``device``."""
+        params = [r.params for r in rows]
+        greedy = [p.greedy or p.temperature < _GREEDY_TEMPERATURE for p in params]
+        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
+        rep, seen = _build_repetition(rows, vocab_size, device)
+        freq, pres, counts = _build_frequency_presence(rows, vocab_size, device)
+        top_k, max_top_k = _build_top_k(params, greedy, vocab_size, device)
+        top_p, candidates = _build_top_p(params, greedy, vocab_size, device)
+        any_min_p = any(p.min_p > 0 for p in sampled)
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+        return SamplingBatch(
+            num_rows=len(rows),
+            all_greedy=not sampled,
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy_rows=greedy,
+            generators=[r.generator for r in rows],
+            bias=_build_bias(params, vocab_size, device),
+            min_tokens_mask=_build_min_tokens_mask(rows, eos_token_ids, vocab_size, device),
+            repetition_penalty=rep, seen_mask=seen,
+            frequency_penalty=freq, presence_penalty=pres, output_counts=counts,
+            temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]),
+            top_k=top_k, max_top_k=max_top_k, top_p=top_p, top_p_candidates=candidates,
+            min_p=column([0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)])
+            if any_min_p else None,
+            logprobs_k=[p.logprobs for p in params],
+            processed_k=[p.return_processed_topk for p in params],
+        )
+
+
+def _build_bias(params: list[SamplingParams], vocab_size: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    rows: list[int] = []
+    tokens: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            if token_id >= vocab_size:
+                raise ValueError(f"logit_bias: token id {token_id} must be < vocab size {vocab_size}")
+            rows.append(i)
+            tokens.append(token_id)
+            values.append(bias)
+    if not rows:
+        return None
+    return (torch.tensor(rows, device=device), torch.tensor(tokens, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
+
+
+def _build_min_tokens_mask(rows: list[SampleRow], eos_token_ids: list[int], vocab_size: int,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    row_idx: list[int] = []
+    tokens: list[int] = []
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) >= r.params.min_tokens:
+            continue
+        banned = {t for t in [*eos_token_ids, *r.params.stop_token_ids] if t < vocab_size}
+        row_idx += [i] * len(banned)
+        tokens += sorted(banned)
+    if not row_idx:
+        return None
+    return torch.tensor(row_idx, device=device), torch.tensor(tokens, device=device)
+
+
+def _token_coordinates(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten per-row token lists into (row index [N], token id [N]) for one scatter."""
+    rows = [i for i, ids in enumerate(token_lists) for _ in ids]
+    tokens = [t for ids in token_lists for t in ids]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(tokens, dtype=torch.long, device=device)
+
+
+def _build_repetition(rows: list[SampleRow], vocab_size: int,
+                      device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if all(r.params.repetition_penalty == 1.0 for r in rows):
+        return None, None
+    # Only rows with a penalty contribute tokens: the others' mask is never read (penalty 1).
+    lists = [r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else []
+             for r in rows]
+    row_idx, tokens = _token_coordinates(lists, device)
+    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+    seen[row_idx, tokens] = True
+    penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32, device=device)
+    return penalty.unsqueeze(1), seen
+
+
+def _build_frequency_presence(rows: list[SampleRow], vocab_size: int, device: torch.device
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    used = [r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows]
+    if not any(used):
+        return None, None, None
+    lists = [r.output_token_ids if u else [] for r, u in zip(rows, used, strict=True)]
+    row_idx, tokens = _token_coordinates(lists, device)
+    counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    counts.index_put_((row_idx, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=torch.float32, device=device)
+    pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=torch.float32, device=device)
+    return freq.unsqueeze(1), pres.unsqueeze(1), counts
+
+
+def _build_top_k(params: list[SamplingParams], greedy: list[bool], vocab_size: int,
+                 device: torch.device) -> tuple[torch.Tensor | None, int]:
+    ks = [0 if g else min(p.top_k, vocab_size) for p, g in zip(params, greedy, strict=True)]
+    if max(ks, default=0) == 0:
+        return None, 0
+    return torch.tensor(ks, dtype=torch.long, device=device), max(ks)
+
+
+def _build_top_p(params: list[SamplingParams], greedy: list[bool], vocab_size: int,
+                 device: torch.device) -> tuple[torch.Tensor | None, int | None]:
+    ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
+    if all(p >= 1.0 for p in ps):
+        return None, None
+    # When every top_p row also has a top_k, its kept set lies within the top max-k logits,
+    # so sorting those candidates is enough (a partial sort instead of a full-vocab sort).
+    ks = [min(p.top_k, vocab_size) for p, q in zip(params, ps, strict=True) if q < 1.0]
+    candidates = max(ks) if all(k > 0 for k in ks) else None
+    return torch.tensor(ps, dtype=torch.float32, device=device).unsqueeze(1), candidates
+
+
+# ---- the pipeline steps: pure functions over logits [B, V] ----
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step 1a: add each row's logit_bias to the named tokens."""
+    rows, tokens, values = bias
+    return logits.index_put((rows, tokens), values, accumulate=True)
+
+
+def apply_min_tokens_mask(logits: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Step 1b: forbid EOS and stop token ids (rows still below min_tokens)."""
+    rows, tokens = mask
+    return logits.index_put((rows, tokens), torch.tensor(-math.inf, device=logits.device))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Step 2: penalty [B, 1], seen [B, V] bool. Seen logits: positive / penalty, negative * penalty."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor,
+                             counts: torch.Tensor) -> torch.Tensor:
+    """Step 3: frequency, presence [B, 1], counts [B, V] of output tokens."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Step 4: temperature [B, 1] (> 0)."""
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Step 5: top_k [B] long (0 = off, at most max_top_k). Logits below the k-th largest -> -inf."""
+    top_values = logits.topk(max_top_k, dim=-1).values  # [B, max_top_k], descending
+    kth = top_values.gather(1, (top_k.clamp(min=1) - 1).unsqueeze(1))  # [B, 1]
+    kth = torch.where(top_k.unsqueeze(1) > 0, kth, torch.full_like(kth, -math.inf))
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
+    """Step 6: top_p [B, 1] (1 = off). Keeps a token when the probability of the tokens more
+    likely than it is still below top_p, so the most likely token always stays.
+
+    candidates: when set, only the ``candidates`` largest logits of each row can be kept
+    (true after top_k), so a partial sort replaces the full-vocabulary sort.
+    """
+    if candidates is None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    else:
+        sorted_logits, order = logits.topk(candidates, dim=-1)  # [B, C], descending
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative probability
+    drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
+    if candidates is None:
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, drop_sorted)
+    else:
+        # Everything outside the candidates is dropped unless the row has top_p off.
+        drop = (top_p < 1.0).expand_as(logits).clone()
+        drop.scatter_(1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Step 7: min_p [B, 1] (0 = off). p < min_p * p_max  <=>  logit < max_logit + log(min_p)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p)  # log(0) = -inf keeps all
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def sample(logits: torch.Tensor, generators: list[torch.Generator | None],
+           skip: list[bool] | None = None) -> torch.Tensor:
+    """Step 8: one token per row [B] by inverse CDF, with one uniform from each row's generator.
+
+    skip: rows whose token is not sampled (greedy); their generators are left untouched.
+
+    The CDF runs over the vocabulary in token-id order (not sorted order), so the draw does not
+    depend on how other rows made the batch take a fast or slow path. float64 keeps tokens with
+    tiny probabilities from vanishing in the running sum.
+    """
+    probs = logits.softmax(dim=-1).double()  # [B, V]
+    cdf = probs.cumsum(dim=-1)
+    skip = skip or [False] * len(generators)
+    uniforms = torch.stack([torch.zeros((), dtype=torch.float64, device=logits.device) if s
+                            else _uniform(g, logits.device)
+                            for g, s in zip(generators, skip, strict=True)]).unsqueeze(1)  # [B, 1]
+    token_ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(1)
+    return token_ids.clamp(max=logits.shape[-1] - 1)
+
+
+def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) from the row's generator, on the generator's own device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand((), generator=generator, dtype=torch.float64, device=gen_device).to(device)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 1-3 on logits [B, V]; returns a new tensor."""
+    if batch.bias is not None:
+        logits = apply_logit_bias(logits, batch.bias)
+    if batch.min_tokens_mask is not None:
+        logits = apply_min_tokens_mask(logits, batch.min_tokens_mask)
+    if batch.seen_mask is not None:
+        logits = apply_repetition_penalty(logits, batch.repetition_penalty, batch.seen_mask)
+    if batch.output_counts is not None:
+        logits = apply_frequency_presence(logits, batch.frequency_penalty, batch.presence_penalty,
+                                          batch.output_counts)
+    return logits
+
+
+def apply_truncation(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 4-7 on logits [B, V] (greedy rows carry neutral values)."""
+    logits = apply_temperature(logits, batch.temperature)
+    if batch.top_k is not None:
+        logits = apply_top_k(logits, batch.top_k, batch.max_top_k)
+    if batch.top_p is not None:
+        logits = apply_top_p(logits, batch.top_p, batch.top_p_candidates)
+    if batch.min_p is not None:
+        logits = apply_min_p(logits, batch.min_p)
+    return logits
+
+
+class Sampler:
+    """Runs the pipeline on one step's logits."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits [B, V] (float32) -> the next token of every row and its raw logprob."""
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1)  # [B, V], the distribution reported to users
+        if batch.all_greedy and not batch.needs_processing:
+            token_ids, final = logits.argmax(dim=-1), None
+        else:
+            processed = apply_penalties(logits, batch)
+            token_ids = processed.argmax(dim=-1)
+            final = None
+            if not batch.all_greedy:
+                final = apply_truncation(processed, batch)
+                sampled = sample(final, batch.generators, batch.greedy_rows)
+                token_ids = torch.where(batch.greedy, token_ids, sampled)
+        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        # One transfer for both: token ids (< 2**53) are exact in float64.
+        ids_cpu, lps_cpu = torch.stack([token_ids.double(), chosen.double()]).tolist()
+        out = SamplerOutput([int(t) for t in ids_cpu], lps_cpu, None, None, None)
+        if any(k is not None for k in batch.logprobs_k):
+            out.top_logprobs, out.ranks = _raw_top(raw_logprobs, token_ids, chosen, batch.logprobs_k)
+        if any(k for k in batch.processed_k):
+            out.processed_top = _processed_top(final, token_ids, batch)
+        return out
+
+
+def _raw_top(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, chosen: torch.Tensor,
+             ks: list[int | None]) -> tuple[list[dict[int, float]], list[int]]:
+    """Per row its k best raw alternatives, and the rank of the chosen token (1 = most likely)."""
+    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1  # [B]
+    max_k = max(k or 0 for k in ks)
+    if max_k == 0:
+        return [{} for _ in ks], ranks.tolist()
+    values, ids = raw_logprobs.topk(max_k, dim=-1)  # [B, max_k]
+    values_l, ids_l = values.tolist(), ids.tolist()
+    tops = [dict(zip(ids_l[i][:k or 0], values_l[i][:k or 0], strict=True)) for i, k in enumerate(ks)]
+    return tops, ranks.tolist()
+
+
+def _processed_top(final: torch.Tensor | None, token_ids: torch.Tensor,
+                   batch: SamplingBatch) -> list[list[tuple[int, float]]]:
+    """(id, prob) after all controls for rows that asked. A greedy row's distribution is one-hot."""
+    ks = batch.processed_k
+    max_k = max(k or 0 for k in ks)
+    greedy = batch.greedy_rows
+    tops: list[list[tuple[int, float]]] = []
+    if final is not None:
+        values, ids = final.softmax(dim=-1).topk(max_k, dim=-1)
+        values_l, ids_l = values.tolist(), ids.tolist()
+    chosen = token_ids.tolist()
+    for i, k in enumerate(ks):
+        if not k:
+            tops.append([])
+        elif greedy[i] or final is None:
+            tops.append([(chosen[i], 1.0)])
+        else:
+            tops.append([(t, p) for t, p in zip(ids_l[i][:k], values_l[i][:k], strict=True) if p > 0])
+    return tops
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int],
+                    k: int) -> list[dict[int, tuple[float, int]] | None]:
+    """Raw logprobs of the prompt tokens.
+
+    logits [P-1, V]: row i predicts prompt token i+1. Returns P entries; the first is None (no
+    token predicts it), the others map token id -> (logprob, rank) for the actual token and the
+    k most likely tokens at that position.
+    """
+    num = len(prompt_token_ids)
+    if logits.shape[0] != num - 1:
+        raise ValueError(f"prompt_logprobs: expected {num - 1} rows of logits, got {logits.shape[0]}")
+    entries: list[dict[int, tuple[float, int]] | None] = [None]
+    if num <= 1:
+        return entries
+    logprobs = logits.float().log_softmax(dim=-1)  # [P-1, V]
+    actual = torch.tensor(prompt_token_ids[1:], device=logits.device).unsqueeze(1)  # [P-1, 1]
+    actual_lp = logprobs.gather(1, actual)  # [P-1, 1]
+    ranks = ((logprobs > actual_lp).sum(dim=-1) + 1).tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], actual[:, :0])
+    top_values_l, top_ids_l, actual_l = top_values.tolist(), top_ids.tolist(), actual_lp.squeeze(1).tolist()
+    for i, token in enumerate(prompt_token_ids[1:]):
+        entry = {tid: (lp, rank) for rank, (tid, lp) in enumerate(zip(top_ids_l[i], top_values_l[i],
+                                                                       strict=True), start=1)}
+        entry[token] = (actual_l[i], ranks[i])
+        entries.append(entry)
+    return entries
