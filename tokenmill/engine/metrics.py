@@ -1,0 +1,101 @@
+"""Prometheus collectors for the server: request latencies, engine gauges, token counters.
+
+Each EngineMetrics owns its own CollectorRegistry (not prometheus_client's global one), so
+several engines or apps in one process (tests) never collide. The engine thread records into
+it: ``record_finished`` for each finished RequestOutput, ``record_stats`` after each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from tokenmill.outputs import RequestOutput
+
+# Seconds. Fine at the low end: a decode step is tens of ms on a CPU, a few ms on a GPU.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+                   120.0, 240.0, 480.0)
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class EngineMetrics:
+    """The Prometheus names of DESIGN.md, in a private registry; ``render()`` is /metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("tokenmill_time_to_first_token_seconds",
+                              "Arrival to first generated token.", buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("tokenmill_time_per_output_token_seconds",
+                              "Mean time per output token after the first.", buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenmill_e2e_request_latency_seconds",
+                             "Arrival to finish.", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("tokenmill_request_queue_time_seconds",
+                                    "Arrival to first scheduled.", buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("tokenmill_num_requests_running", "Requests being decoded.", registry=r)
+        self.waiting = Gauge("tokenmill_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_usage = Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).",
+                              registry=r)
+        # Counters are exposed with a "_total" suffix: tokenmill_prompt_tokens_total ...
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated.", registry=r)
+        self.preemptions = Counter("tokenmill_num_preemptions", "Requests preempted.", registry=r)
+        self.requests = Counter("tokenmill_requests", "Finished requests by finish reason.",
+                                labelnames=["finish_reason"], registry=r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(finish_reason=reason)  # export zeros so dashboards see every label
+        # Engine totals at the last record_stats: counters grow by the difference.
+        self._last_totals = (0, 0, 0)
+
+    def record_finished(self, out: RequestOutput) -> None:
+        """Record the latencies and finish reason of a request that just finished."""
+        m = out.metrics
+        if m.ttft is not None:
+            self.ttft.observe(m.ttft)
+        if m.tpot is not None and any(len(c.token_ids) > 1 for c in out.outputs):
+            self.tpot.observe(m.tpot)
+        if m.e2e_latency is not None:
+            self.e2e.observe(m.e2e_latency)
+        if m.queue_time is not None:
+            self.queue_time.observe(m.queue_time)
+        self.requests.labels(finish_reason=request_finish_reason(out)).inc()
+
+    def record_failed(self) -> None:
+        """A request the engine raised on."""
+        self.requests.labels(finish_reason="error").inc()
+
+    def record_stats(self, stats: Any) -> None:
+        """Set the gauges and advance the counters from an ``EngineStats``."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        totals = (stats.prompt_tokens_total, stats.generation_tokens_total, stats.num_preemptions_total)
+        for counter, new, old in zip((self.prompt_tokens, self.generation_tokens, self.preemptions),
+                                     totals, self._last_totals, strict=True):
+            if new > old:
+                counter.inc(new - old)
+        self._last_totals = totals
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def request_finish_reason(out: RequestOutput) -> str:
+    """One reason per request: abort if any sample was aborted, else the first sample's."""
+    reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
+    if "abort" in reasons:
+        return "abort"
+    return reasons[0] if reasons else "abort"

@@ -1,0 +1,270 @@
+"""The HTTP server: FastAPI app factory, auth, error handlers, lifespan, ``tokenmill serve``.
+
+``create_app`` builds the app around an EngineConfig (the model loads in the background after
+startup, and every model route answers 503 until it is ready) or around an AsyncEngine that the
+caller owns. Routes live in openai_api.py and tgi_api.py; the playground's static page is served
+at ``/`` and its optional router (tokenmill/server/playground_api.py, exporting ``router``) is
+included when present. Routes reach the engine through ``request.app.state.tokenmill``
+(a serving.ServerState).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.metrics import EngineMetrics
+from tokenmill.server import openai_api, tgi_api
+from tokenmill.server.protocol import ApiError
+from tokenmill.server.serving import ServerState
+
+logger = logging.getLogger(__name__)
+
+PLAYGROUND_DIR = Path(__file__).parent / "playground"
+OPEN_PATHS = ("/health", "/metrics")  # answer without the API key (probes, Prometheus)
+DEFAULT_MAX_QUEUE = 256
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, model_names: set[str] | None = None,
+               on_load_error: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app.
+
+    engine: an EngineConfig (the app loads the model after startup and shuts the engine down
+    with the app) or a running-or-not AsyncEngine (the caller owns it; the app only starts it).
+    api_key: when set, every route but /health, /metrics and the static page needs
+    ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for the engine before
+    new ones get 429. model_names: extra names accepted in the ``model`` field.
+    """
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    metrics = engine.metrics if isinstance(engine, AsyncEngine) else EngineMetrics()
+    state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
+                        extra_model_names=set(model_names or ()))
+    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engine, state, on_load_error))
+    app.state.tokenmill = state
+    _add_error_handlers(app)
+    app.add_middleware(_AuthMiddleware, state=state)
+    app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
+    app.include_router(openai_api.router)
+    app.include_router(tgi_api.router)
+    _include_playground_router(app)
+    # Last: a mount at "/" would shadow any route added after it.
+    app.mount("/", StaticFiles(directory=PLAYGROUND_DIR, html=True, check_dir=False), name="playground")
+    return app
+
+
+def _lifespan(engine: EngineConfig | AsyncEngine, state: ServerState,
+              on_load_error: Callable[[], None] | None) -> Callable[[FastAPI], Any]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(engine, AsyncEngine):
+            engine.start()
+            state.engine = engine
+            yield
+            return
+        # Load after startup so the port answers (503) while the weights load.
+        loading = asyncio.create_task(_load(engine, state, on_load_error))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    return lifespan
+
+
+async def _load(config: EngineConfig, state: ServerState, on_load_error: Callable[[], None] | None) -> None:
+    try:
+        engine = await asyncio.to_thread(AsyncEngine.from_config, config, state.metrics)
+    except Exception as exc:  # noqa: BLE001 - reported on /health and in the log
+        logger.exception("failed to load the model %r", config.model)
+        state.load_error = f"failed to load the model {config.model!r}: {exc}"
+        if on_load_error is not None:
+            on_load_error()
+        return
+    engine.start()
+    state.engine = engine
+    logger.info("model %s loaded; ready", engine.engine.model_name)
+
+
+async def _metrics(request: Request) -> Response:
+    body, content_type = request.app.state.tokenmill.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def _include_playground_router(app: FastAPI) -> None:
+    """Hook for the playground's own routes: tokenmill/server/playground_api.py's ``router``."""
+    try:
+        module = importlib.import_module("tokenmill.server.playground_api")
+    except ModuleNotFoundError as exc:
+        if exc.name != "tokenmill.server.playground_api":
+            raise
+        return
+    app.include_router(module.router)
+
+
+# -- auth and errors --------------------------------------------------------------------------------
+
+class _AuthMiddleware:
+    """401 for a missing or wrong bearer token when an API key is set (pure ASGI: streams untouched)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.state.api_key or self._is_open(scope):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if auth != f"Bearer {self.state.api_key}":
+            error = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+            await JSONResponse(error.to_dict(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope: Scope) -> bool:
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            return True
+        if scope["method"] not in ("GET", "HEAD"):
+            return False
+        # The static playground page holds no data; its API calls carry the key.
+        return path == "/" or (PLAYGROUND_DIR / path.lstrip("/")).resolve().is_relative_to(PLAYGROUND_DIR) \
+            and (PLAYGROUND_DIR / path.lstrip("/")).is_file()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_error(exc).to_dict(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).to_dict(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+        return JSONResponse(error.to_dict(), status_code=500)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """The first pydantic error as a 400 naming the field (``temperature``, ``messages[0].role``)."""
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request body")
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+        return ApiError(400, "the request body is missing (send a JSON object)")
+    param = _param_name(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if err.get("type") == "missing":
+        return ApiError(400, f"{param} is required", param=param)
+    return ApiError(400, f"{param}: {err.get('msg')} (got {err.get('input')!r})"[:500], param=param)
+
+
+def _param_name(loc: tuple[Any, ...]) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; drops pydantic's union-branch labels."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif any(c in str(part) for c in "[],") or str(part).startswith(("function-", "list", "dict", "str", "int")):
+            continue
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+# -- tokenmill serve --------------------------------------------------------------------------------
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server-only flags of ``tokenmill serve`` (engine flags come from cli.add_engine_arguments)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: env TOKENMILL_API_KEY)")
+    g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests allowed to wait for the engine; more get 429")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; returns 0 after a graceful shutdown, 1 if the model failed to load."""
+    import uvicorn
+
+    from tokenmill.cli import engine_config_from_args
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    config = engine_config_from_args(args)
+    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, api_key=api_key, max_queue=args.max_queue, model_names={args.model},
+                     on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    print(f"tokenmill: serving {config.model} on http://{args.host}:{args.port} (loading the model...)",
+          flush=True)
+    # uvicorn re-raises the signal that stopped it once it is done; our no-op handlers make that
+    # a clean exit (code 0) instead of a kill by SIGTERM or a KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if app.state.tokenmill.load_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tokenmill.server.app``: the same as ``tokenmill serve``."""
+    from tokenmill.cli import add_engine_arguments
+
+    parser = argparse.ArgumentParser(prog="tokenmill serve")
+    add_engine_arguments(parser)
+    add_serve_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

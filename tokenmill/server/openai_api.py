@@ -1,0 +1,388 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Response shapes follow OpenAI's API reference (so the official ``openai`` client parses them);
+streaming uses server-sent events, one chunk per engine step and sample, ending with
+``data: [DONE]``. Every body field is either honored or rejected with a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.protocol import (
+    CHAT_UNSUPPORTED,
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
+from tokenmill.server.serving import (
+    ServerState,
+    add_requests,
+    check_admission,
+    check_context,
+    get_state,
+    merge_streams,
+    run_to_end,
+    sampling_params,
+    sse,
+    timing_headers,
+)
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    engine = state.ready_engine().engine
+    return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                        "owned_by": "tokenmill", "max_model_len": engine.max_model_len}]}
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    state = get_state(request)
+    state.check_model(body.model)
+    if body.suffix is not None:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+    tokenizer = state.ready_engine().engine.tokenizer
+    prompts, texts = _completion_prompts(body.prompt, tokenizer)
+    params = build_params(body, body.max_tokens, body.logprobs)
+    engine = _admit(state, prompts, body.max_tokens, "max_tokens")
+    ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None)
+    streams = await add_requests(engine, prompts, params, texts)
+    if body.stream:
+        return _sse_response(_stream_completion(ctx, engine, streams, params))
+    outputs = await run_to_end(request, engine, streams)
+    choices = [_completion_choice(ctx, i, o, c, params) for i, o in enumerate(outputs) for c in o.outputs]
+    response = {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+                "choices": choices, "usage": _usage(outputs), "system_fingerprint": None}
+    return JSONResponse(response, headers=timing_headers(outputs))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request
+                                 ) -> JSONResponse | StreamingResponse:
+    state = get_state(request)
+    state.check_model(body.model)
+    _reject_unsupported_chat(body)
+    tokenizer = state.ready_engine().engine.tokenizer
+    prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    params = build_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                          max_tokens_field=field_name)
+    engine = _admit(state, [prompt_ids], max_tokens, field_name)
+    ctx = _Context(state, body, "chatcmpl", tokenizer)
+    streams = await add_requests(engine, [prompt_ids], params)
+    if body.stream:
+        return _sse_response(_stream_chat(ctx, engine, streams, params))
+    outputs = await run_to_end(request, engine, streams)
+    choices = [_chat_choice(ctx, c, params) for c in outputs[0].outputs]
+    response = {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
+                "choices": choices, "usage": _usage(outputs), "system_fingerprint": None}
+    return JSONResponse(response, headers=timing_headers(outputs))
+
+
+# -- request -> engine input ------------------------------------------------------------------------
+
+def build_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                 max_tokens_field: str = "max_tokens") -> SamplingParams:
+    """SamplingParams from the shared OpenAI fields; any bad value is a 400 naming its field."""
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, f"best_of ({body.best_of}) must equal n ({body.n}) or be unset", param="best_of")
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"{max_tokens_field} must be >= 1, got {max_tokens}", param=max_tokens_field)
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    return sampling_params(
+        n=body.n, max_tokens=max_tokens, min_tokens=body.min_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logit_bias=_logit_bias(body.logit_bias),
+        seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+        include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens, num_beams=body.num_beams,
+        length_penalty=body.length_penalty, early_stopping=body.early_stopping)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+
+
+def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids and text of each prompt: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    vocab = tokenizer.vocab_size
+    ids_list, texts = [], []
+    for p in prompt:
+        if isinstance(p, str):
+            ids_list.append(tokenizer.encode(p))
+            texts.append(p)
+            continue
+        if not p or any(t < 0 or t >= vocab for t in p):
+            raise ApiError(400, f"prompt token ids must be a non-empty list of ids in [0, {vocab})",
+                           param="prompt")
+        ids_list.append(list(p))
+        texts.append(None)
+    return ids_list, texts
+
+
+def _message_text(i: int, message: ChatMessage) -> str:
+    if message.tool_calls is not None:
+        raise ApiError(400, f"messages[{i}].tool_calls is not supported", param=f"messages[{i}].tool_calls")
+    content = message.content
+    if content is None:
+        if message.role != "assistant":
+            raise ApiError(400, f"messages[{i}].content is required for role {message.role!r}",
+                           param=f"messages[{i}].content")
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"messages[{i}].content[{j}]: only parts of type 'text' are supported, "
+                                f"got {part.get('type')!r}", param=f"messages[{i}].content[{j}].type")
+        parts.append(part["text"])
+    return "\n".join(parts)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """The model's chat template applied to the messages, as token ids."""
+    if not messages:
+        raise ApiError(400, "messages must contain at least one message", param="messages")
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
+                    for i, m in enumerate(messages)]
+    try:
+        return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True))
+    except ValueError as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from None
+
+
+def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
+    for name in CHAT_UNSUPPORTED:
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if body.response_format is not None and body.response_format != {"type": "text"}:
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
+    if body.modalities is not None and body.modalities != ["text"]:
+        raise ApiError(400, "modalities: only [\"text\"] is supported", param="modalities")
+    if body.store:
+        raise ApiError(400, "store is not supported by this server", param="store")
+
+
+def _admit(state: ServerState, prompts: list[list[int]], max_tokens: int | None, field_name: str
+           ) -> AsyncEngine:
+    engine = check_admission(state, len(prompts))
+    for ids in prompts:
+        check_context(engine, len(ids), max_tokens, field_name)
+    return engine
+
+
+# -- engine output -> response ----------------------------------------------------------------------
+
+class _Context:
+    """Per-response constants: id, created, model name, and how to spell tokens."""
+
+    def __init__(self, state: ServerState, body: SamplingFields, prefix: str, tokenizer: Any,
+                 echo_texts: list[str | None] | None = None) -> None:
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = state.model_name
+        self.n = body.n
+        self.tokenizer = tokenizer
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.echo_texts = echo_texts
+
+    def token_str(self, token_id: int, logprob: Any = None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def echo(self, i: int, out: RequestOutput) -> str:
+        if self.echo_texts is None:
+            return ""
+        text = self.echo_texts[i]
+        return text if text is not None else self.tokenizer.decode(out.prompt_token_ids)
+
+
+def _top(position: PositionLogprobs, k: int) -> list[tuple[int, Any]]:
+    """The k most likely entries of one position, best first."""
+    return sorted(position.items(), key=lambda kv: -kv[1].logprob)[:k]
+
+
+def _completion_logprobs(ctx: _Context, token_ids: list[int], positions: list[PositionLogprobs] | None,
+                         k: int, offset: int) -> dict[str, Any] | None:
+    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    if positions is None:
+        return None
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        chosen = position.get(token_id)
+        text = ctx.token_str(token_id, chosen)
+        tokens.append(text)
+        token_logprobs.append(chosen.logprob if chosen else None)
+        tops.append({ctx.token_str(t, lp): lp.logprob for t, lp in _top(position, k)})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(ctx: _Context, token_ids: list[int], positions: list[PositionLogprobs] | None,
+                   k: int) -> dict[str, Any] | None:
+    """OpenAI's chat shape: content = [{token, logprob, bytes, top_logprobs}]."""
+    if positions is None:
+        return None
+
+    def entry(token_id: int, lp: Any) -> dict[str, Any]:
+        text = ctx.token_str(token_id, lp)
+        return {"token": text, "logprob": lp.logprob if lp else None, "bytes": list(text.encode())}
+
+    content = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        item = entry(token_id, position.get(token_id))
+        item["top_logprobs"] = [entry(t, lp) for t, lp in _top(position, k)]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def _completion_choice(ctx: _Context, i: int, out: RequestOutput, c: CompletionOutput,
+                       params: SamplingParams) -> dict[str, Any]:
+    echo = ctx.echo(i, out)
+    logprobs = _completion_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0, len(echo)) \
+        if params.logprobs is not None else None
+    return {"index": i * ctx.n + c.index, "text": echo + c.text, "logprobs": logprobs,
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> dict[str, Any]:
+    logprobs = _chat_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0) \
+        if params.logprobs is not None else None
+    return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -- streaming --------------------------------------------------------------------------------------
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once the 200 is sent an error can only be an event; then the stream ends normally."""
+    try:
+        async for event in events:
+            yield event
+    except (RequestFailedError, EngineDeadError) as exc:
+        yield sse(ApiError(500 if isinstance(exc, RequestFailedError) else 503, str(exc)).to_dict())
+    yield sse("[DONE]")
+
+
+def _chunk(ctx: _Context, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    chunk = {"id": ctx.id, "object": obj, "created": ctx.created, "model": ctx.model, "choices": choices,
+             "system_fingerprint": None}
+    if ctx.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def _final_usage_chunk(ctx: _Context, obj: str, finals: dict[int, RequestOutput]) -> str:
+    chunk = _chunk(ctx, obj, [])
+    chunk["usage"] = _usage([finals[i] for i in sorted(finals)])
+    return sse(chunk)
+
+
+def _stream_completion(ctx: _Context, engine: AsyncEngine, streams: list[Any],
+                       params: SamplingParams) -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        started: set[tuple[int, int]] = set()  # (prompt, sample) that sent their echo
+        done: set[tuple[int, int]] = set()  # (prompt, sample) that sent their finish_reason
+        async for i, out in merge_streams(engine, streams):
+            choices = []
+            for c in out.outputs:
+                key = (i, c.index)
+                text = c.delta_text if key in started else ctx.echo(i, out) + c.delta_text
+                started.add(key)
+                finish = c.finish_reason if key not in done else None
+                if not (text or c.delta_token_ids or finish):
+                    continue
+                if finish:
+                    done.add(key)
+                lps = _completion_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0, 0) \
+                    if params.logprobs is not None else None
+                choices.append({"index": i * ctx.n + c.index, "text": text, "logprobs": lps,
+                                "finish_reason": finish})
+            if choices:
+                yield sse(_chunk(ctx, "text_completion", choices))
+            if out.finished:
+                finals[i] = out
+        if ctx.include_usage:
+            yield _final_usage_chunk(ctx, "text_completion", finals)
+
+    return _stream_with_errors(events())
+
+
+def _stream_chat(ctx: _Context, engine: AsyncEngine, streams: list[Any],
+                 params: SamplingParams) -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(ctx.n)]
+        yield sse(_chunk(ctx, "chat.completion.chunk", first))
+        done: set[int] = set()  # samples that sent their finish_reason
+        async for i, out in merge_streams(engine, streams):
+            choices = []
+            for c in out.outputs:
+                if c.delta_text or c.delta_token_ids:
+                    lps = _chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
+                        if params.logprobs is not None else None
+                    choices.append({"index": c.index, "delta": {"content": c.delta_text}, "logprobs": lps,
+                                    "finish_reason": None})
+                if c.finish_reason and c.index not in done:
+                    done.add(c.index)
+                    choices.append({"index": c.index, "delta": {}, "logprobs": None,
+                                    "finish_reason": c.finish_reason})
+            if choices:
+                yield sse(_chunk(ctx, "chat.completion.chunk", choices))
+            if out.finished:
+                finals[i] = out
+        if ctx.include_usage:
+            yield _final_usage_chunk(ctx, "chat.completion.chunk", finals)
+
+    return _stream_with_errors(events())
