@@ -92,3 +92,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Beam search only: per step, every candidate considered (see engine/beam_search.py, docs/beam_search.md).
+    beam_trace: list[list[dict]] | None = None

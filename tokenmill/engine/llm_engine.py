@@ -331,8 +331,9 @@ class LLMEngine:
         finished = all(s.is_finished for s in request.seqs)
         if finished and request.metrics.finished_time is None:
             request.metrics.finished_time = time.perf_counter()
+        trace = request.beam_state.trace if finished and request.beam_state is not None else None
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             finished, request.metrics, request.prompt_logprobs)
+                             finished, request.metrics, request.prompt_logprobs, beam_trace=trace)
 
     def _finish(self, request: Request) -> None:
         self.scheduler.finish(request)
