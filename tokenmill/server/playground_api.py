@@ -1,0 +1,281 @@
+"""The playground's extra endpoints: what the page at ``/`` needs beyond the OpenAI and TGI APIs.
+
+* ``POST /v1/tokenize``: ids, token strings, per-token text and character spans, with or
+  without the chat template.
+* ``POST /v1/playground/steps``: one generation streamed as server-sent events, one event per
+  token with the top candidates of the raw distribution and of the distribution after the
+  sampling controls, then why it stopped and the timings.
+* ``POST /v1/playground/beam``: one beam search run with its per-step trace and final ranking.
+
+They are public routes like the others (same auth, same errors); docs/api.md documents them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+
+from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
+from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.server.protocol import ApiError, Strict
+from tokenmill.server.serving import (
+    add_requests,
+    check_admission,
+    check_context,
+    get_state,
+    merge_streams,
+    run_to_end,
+    sampling_params,
+    sse,
+)
+
+router = APIRouter(tags=["playground"])
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class PlaygroundTokenizeRequest(Strict):
+    """POST /v1/tokenize."""
+
+    text: str
+    chat_template: bool = False  # wrap text as one user message in the model's chat template
+    add_generation_prompt: bool = True  # with chat_template: end with the assistant header
+    model: str | None = None
+
+
+class PromptFields(Strict):
+    """The prompt part shared by the steps and beam requests."""
+
+    prompt: str
+    chat_template: bool = True
+    system: str | None = None
+    model: str | None = None
+
+
+class StepsRequest(PromptFields):
+    """POST /v1/playground/steps: SamplingParams fields plus how many candidates to report."""
+
+    max_tokens: int = 32
+    min_tokens: int = 0
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    top_n: int = 10  # candidates per step, in [1, MAX_LOGPROBS]
+
+
+class BeamRequest(PromptFields):
+    """POST /v1/playground/beam."""
+
+    num_beams: int = 4
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+
+# ---- tokenizer view ---------------------------------------------------------------------------
+
+
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[tuple[str, int, int]]:
+    """Per token: the text it adds to ``decode(ids)`` and its [start, end) character span.
+
+    A character split over several byte tokens (emoji, CJK) belongs to the token that completes
+    it; the tokens before it add "" (start == end). Each decode covers a small window of tokens
+    (the last released token as context), so the cost is linear in len(ids).
+    """
+    pieces: list[tuple[str, int, int]] = []
+    prefix = read = 0  # ids[prefix:read] is context already released
+    offset = 0
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=False)
+        after = tokenizer.decode(ids[prefix:i + 1], skip_special_tokens=False)
+        if after.endswith(_REPLACEMENT_CHAR) and i + 1 < len(ids):
+            pieces.append(("", offset, offset))  # mid-character: wait for the next bytes
+            continue
+        new = after[len(before):]
+        pieces.append((new, offset, offset + len(new)))
+        offset += len(new)
+        prefix, read = read, i + 1
+    return pieces
+
+
+def prompt_text(tokenizer: Any, prompt: str, chat_template: bool, system: str | None = None,
+                add_generation_prompt: bool = True) -> str:
+    """The text the model sees: the prompt itself, or the prompt as a user turn of the chat template."""
+    if not chat_template:
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    # The chat template already spells out the special tokens it wants.
+    return tokenizer.encode(text, add_special_tokens=not chat_template)
+
+
+@router.post("/v1/tokenize")
+async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[str, Any]:
+    """Split text into tokens: ids, token strings, per-token text and character spans."""
+    state = get_state(request)
+    state.check_model(body.model)
+    tokenizer = state.ready_engine().engine.tokenizer
+    text = prompt_text(tokenizer, body.text, body.chat_template,
+                       add_generation_prompt=body.add_generation_prompt)
+    ids = encode_prompt(tokenizer, text, body.chat_template)
+    names = tokenizer.convert_ids_to_tokens(ids)
+    pieces = token_pieces(tokenizer, ids)
+    tokens = [{"id": tid, "token": name, "text": piece, "start": start, "end": end}
+              for tid, name, (piece, start, end) in zip(ids, names, pieces, strict=True)]
+    decoded = "".join(p for p, _, _ in pieces)
+    return {"model": state.model_name, "text": decoded, "count": len(ids), "num_chars": len(decoded),
+            "chars_per_token": len(decoded) / len(ids) if ids else 0.0, "tokens": tokens}
+
+
+# ---- step-by-step view ------------------------------------------------------------------------
+
+
+@router.post("/v1/playground/steps")
+async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
+    """Stream one generation: a ``start`` event, a ``token`` event per token, then ``done``."""
+    state = get_state(request)
+    state.check_model(body.model)
+    if not 1 <= body.top_n <= MAX_LOGPROBS:
+        raise ApiError(400, f"top_n must be in [1, {MAX_LOGPROBS}], got {body.top_n}", param="top_n")
+    engine = check_admission(state, 1)
+    llm = engine.engine
+    text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
+    ids = encode_prompt(llm.tokenizer, text, body.chat_template)
+    check_context(engine, len(ids), body.max_tokens, "max_tokens")
+    fields = body.model_dump(exclude={"prompt", "chat_template", "system", "model", "top_n"})
+    params = sampling_params(**fields, logprobs=body.top_n, return_processed_topk=body.top_n)
+    streams = await add_requests(engine, [ids], params, [text])
+    start = {"type": "start", "model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids,
+             "prompt_tokens": llm.tokenizer.convert_ids_to_tokens(ids)}
+    return StreamingResponse(_step_events(engine, streams, start), media_type="text/event-stream")
+
+
+async def _step_events(engine: Any, streams: list, start: dict[str, Any]) -> AsyncIterator[str]:
+    llm = engine.engine
+    yield sse(start)
+    num_seen = 0
+    try:
+        async for _, out in merge_streams(engine, streams):
+            c = out.outputs[0]
+            for j, token in enumerate(c.delta_token_ids):
+                event = _token_event(llm.tokenizer, c, num_seen + j, token, j, out.metrics)
+                if j == len(c.delta_token_ids) - 1:
+                    event["delta_text"] = c.delta_text  # text released this step (stop strings held back)
+                yield sse(event)
+            num_seen += len(c.delta_token_ids)
+            if out.finished:
+                yield sse(_done_event(c, out, llm.eos_token_ids))
+    except (RequestFailedError, EngineDeadError) as exc:
+        yield sse({"type": "error", "error": {"message": str(exc), "type": "internal_error"}})
+    yield sse("[DONE]")
+
+
+def _token_event(tokenizer: Any, c: CompletionOutput, index: int, token: int, j: int,
+                 metrics: RequestMetrics) -> dict[str, Any]:
+    """One generated token: the chosen id, the raw top-n and the top-n after the controls."""
+    raw: dict[int, Logprob] = c.delta_logprobs[j] if c.delta_logprobs else {}
+    raw_top = _raw_candidates(raw, token)
+    processed = c.processed_top[index] if c.processed_top and index < len(c.processed_top) else None
+    after = None if processed is None else [
+        {"id": tid, "text": tokenizer.decode([tid], skip_special_tokens=False), "prob": prob}
+        for tid, prob in processed]
+    chosen = raw.get(token)
+    return {"type": "token", "index": index, "id": token, "token": tokenizer.convert_ids_to_tokens([token])[0],
+            "text": chosen.decoded_token if chosen else tokenizer.decode([token], skip_special_tokens=False),
+            "logprob": chosen.logprob if chosen else None, "rank": chosen.rank if chosen else None,
+            "raw_top": raw_top, "processed_top": after, "metrics": _metrics(metrics)}
+
+
+def _raw_candidates(raw: dict[int, Logprob], token: int) -> list[dict[str, Any]]:
+    """The raw top-n, most likely first, plus the chosen token when it is outside them.
+
+    Ranks are positions in the whole vocabulary: the top-n are the n most likely tokens, so
+    their rank is their place in this list; the chosen token keeps the rank the engine counted.
+    """
+    ordered = sorted(raw.items(), key=lambda item: -item[1].logprob)
+    out = []
+    for position, (tid, lp) in enumerate(ordered, start=1):
+        rank = lp.rank if tid == token and lp.rank is not None else position
+        out.append({"id": tid, "text": lp.decoded_token, "logprob": lp.logprob, "prob": math.exp(lp.logprob),
+                    "rank": rank})
+    return out
+
+
+def _done_event(c: CompletionOutput, out: RequestOutput, eos_token_ids: list[int]) -> dict[str, Any]:
+    return {"type": "done", "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+            "stop_kind": stop_kind(c, eos_token_ids), "text": c.text, "token_ids": c.token_ids,
+            "cumulative_logprob": c.cumulative_logprob, "metrics": _metrics(out.metrics)}
+
+
+def stop_kind(c: CompletionOutput, eos_token_ids: list[int]) -> str | None:
+    """Why a sample ended, finer than finish_reason: eos | stop_token | stop_string | length | abort."""
+    if c.finish_reason is None:
+        return None
+    if c.finish_reason != "stop":
+        return c.finish_reason
+    if isinstance(c.stop_reason, str):
+        return "stop_string"
+    if isinstance(c.stop_reason, int):
+        return "stop_token"
+    return "eos" if c.token_ids and c.token_ids[-1] in eos_token_ids else "stop"
+
+
+def _metrics(m: RequestMetrics) -> dict[str, Any]:
+    """TTFT, TPOT and tokens/s so far (seconds; tokens/s over arrival -> last token)."""
+    elapsed = (m.last_token_time - m.arrival_time) if m.last_token_time is not None else None
+    rate = m.num_generated_tokens / elapsed if elapsed else None
+    return {"ttft_s": m.ttft, "tpot_s": m.tpot, "tokens_per_s": rate, "prompt_tokens": m.num_prompt_tokens,
+            "generated_tokens": m.num_generated_tokens, "e2e_latency_s": m.e2e_latency}
+
+
+# ---- beam search view -------------------------------------------------------------------------
+
+
+@router.post("/v1/playground/beam")
+async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
+    """Run beam search to the end; returns the final ranking and the per-step candidate trace."""
+    state = get_state(request)
+    state.check_model(body.model)
+    engine = check_admission(state, 1)
+    llm = engine.engine
+    text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
+    ids = encode_prompt(llm.tokenizer, text, body.chat_template)
+    check_context(engine, len(ids), body.max_tokens, "max_tokens")
+    if body.num_beams < 2:
+        raise ApiError(400, f"num_beams must be in [2, 16] for beam search, got {body.num_beams}",
+                       param="num_beams")
+    params = sampling_params(num_beams=body.num_beams, n=body.num_beams, max_tokens=body.max_tokens,
+                             temperature=0.0, length_penalty=body.length_penalty,
+                             early_stopping=body.early_stopping)
+    streams = await add_requests(engine, [ids], params, [text])
+    (out,) = await run_to_end(request, engine, streams)
+    ranking = [{"rank": i + 1, "text": c.text, "token_ids": c.token_ids,
+                "tokens": [llm.tokenizer.decode([t], skip_special_tokens=False) for t in c.token_ids],
+                "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
+                "stop_kind": stop_kind(c, llm.eos_token_ids)} for i, c in enumerate(out.outputs)]
+    return {"model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids, "num_beams": body.num_beams,
+            "ranking": ranking, "trace": beam_trace_json(getattr(out, "beam_trace", None), llm.tokenizer),
+            "metrics": _metrics(out.metrics)}
+
+
+def beam_trace_json(trace: Any, tokenizer: Any) -> list[dict[str, Any]] | None:
+    """The engine's beam_trace as JSON, with each candidate's token text added (None when absent)."""
+    if trace is None:
+        return None
+    return trace  # replaced once the beam engine's trace format lands
