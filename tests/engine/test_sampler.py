@@ -15,9 +15,11 @@ from transformers import (
 )
 
 from tokenmill.engine.sampler import (
+    _TOP_P_CANDIDATES,
     Sampler,
     SampleRow,
     SamplingBatch,
+    TokenEntries,
     apply_frequency_presence,
     apply_min_p,
     apply_penalties,
@@ -72,16 +74,21 @@ def test_top_k_matches_transformers_per_row():
     assert (ours[1] > -math.inf).sum() == 5
 
 
-@pytest.mark.parametrize("candidates", [None, 20])
-def test_top_p_matches_transformers_per_row(candidates):
-    logits = _logits(4, seed=1)
-    ps = [0.1, 0.5, 0.9, 1.0]
+@pytest.mark.parametrize(("candidates", "vocab"), [(None, VOCAB), (20, VOCAB), (None, 5000)])
+def test_top_p_matches_transformers_per_row(candidates, vocab):
+    """vocab 5000: the flat row's kept set is larger than the first partial sort (full-sort path)."""
+    logits = _logits(4, vocab, seed=1)
+    logits[0] *= 4  # peaky: its kept set fits in the first candidates
+    ps = [0.9, 0.5, 0.95, 1.0]
     if candidates is not None:  # the partial-sort path is only valid after top_k
         logits = apply_top_k(logits, torch.full((4,), candidates), candidates)
+    if vocab > _TOP_P_CANDIDATES:  # row 2 really needs more than the first partial sort
+        assert logits[2].softmax(-1).topk(_TOP_P_CANDIDATES).values.sum() < ps[2]
     ours = apply_top_p(logits, torch.tensor(ps).unsqueeze(1), candidates)
     for i, p in enumerate(ps):
         _assert_same_distribution(ours[i:i + 1], TopPLogitsWarper(top_p=p)(None, logits[i:i + 1].clone()))
-    assert (ours[0] > -math.inf).sum() < (ours[2] > -math.inf).sum()
+    assert (ours[1] > -math.inf).sum() < (ours[2] > -math.inf).sum()
+    assert torch.equal(ours[3], logits[3])  # top_p 1 is off
 
 
 def test_min_p_matches_transformers_per_row():
@@ -98,10 +105,9 @@ def test_repetition_penalty_matches_transformers():
     logits = _logits(2, seed=3)
     seen_ids = [[3, 7, 7, 10, 40], [0, 1, 63]]
     penalties = [1.3, 0.8]
-    seen = torch.zeros(2, VOCAB, dtype=torch.bool)
-    for i, ids in enumerate(seen_ids):
-        seen[i, ids] = True
-    ours = apply_repetition_penalty(logits, torch.tensor(penalties).unsqueeze(1), seen)
+    rows = [_row(SamplingParams(repetition_penalty=p), prompt=ids[:2], output=ids[2:])
+            for ids, p in zip(seen_ids, penalties, strict=True)]
+    ours = apply_repetition_penalty(logits, SamplingBatch.build(rows, VOCAB, EOS, CPU).repetition)
     for i, (ids, penalty) in enumerate(zip(seen_ids, penalties, strict=True)):
         expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits[i:i + 1].clone())
         torch.testing.assert_close(ours[i:i + 1], expected)
@@ -111,11 +117,11 @@ def test_frequency_presence_match_hand_reference():
     logits = _logits(2, seed=4)
     outputs = [[5, 5, 5, 9], [1, 2, 1]]
     freq, pres = [0.5, -1.0], [1.5, 0.25]
-    counts = torch.zeros(2, VOCAB)
-    for i, ids in enumerate(outputs):
-        for t in ids:
-            counts[i, t] += 1
-    ours = apply_frequency_presence(logits, torch.tensor(freq).unsqueeze(1), torch.tensor(pres).unsqueeze(1), counts)
+    rows = [_row(SamplingParams(frequency_penalty=f, presence_penalty=p), prompt=[5, 6, 7], output=ids)
+            for ids, f, p in zip(outputs, freq, pres, strict=True)]
+    entries = SamplingBatch.build(rows, VOCAB, EOS, CPU).frequency_presence
+    assert isinstance(entries, TokenEntries)
+    ours = apply_frequency_presence(logits, entries)
     expected = logits.clone()
     for i, ids in enumerate(outputs):
         for t in set(ids):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,17 @@ from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _GREEDY_TEMPERATURE = 1e-5
+# top_p first looks for its kept set among this many most likely tokens (a partial sort);
+# only rows whose set is larger fall back to sorting the whole vocabulary.
+_TOP_P_CANDIDATES = 256
+
+
+class TokenEntries(NamedTuple):
+    """Sparse per-(row, token) values: one entry per distinct token of a row, each [N]."""
+
+    rows: torch.Tensor  # long
+    tokens: torch.Tensor  # long
+    values: torch.Tensor  # float32
 
 
 @dataclass
@@ -66,16 +78,11 @@ class SamplingBatch:
     greedy: torch.Tensor  # [B] bool
     greedy_rows: list[bool]  # the same on the host, so sampling needs no device sync
     generators: list[torch.Generator | None]
-    # Step 1: sparse (row, token) coordinates.
-    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows [N], tokens [N], values [N]
-    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows [M], tokens [M]
-    # Step 2.
-    repetition_penalty: torch.Tensor | None  # [B, 1]
-    seen_mask: torch.Tensor | None  # [B, V] bool: token in prompt or output
-    # Step 3.
-    frequency_penalty: torch.Tensor | None  # [B, 1]
-    presence_penalty: torch.Tensor | None  # [B, 1]
-    output_counts: torch.Tensor | None  # [B, V] float: occurrences in the output
+    # Steps 1-3 touch only the tokens a row names or has seen: sparse, never [B, V].
+    bias: TokenEntries | None  # value: the bias to add
+    min_tokens_mask: TokenEntries | None  # EOS / stop ids of rows below min_tokens (values unused)
+    repetition: TokenEntries | None  # tokens in prompt or output; value: the row's penalty
+    frequency_presence: TokenEntries | None  # output tokens; value: freq * count + presence
     # Steps 4-7 (greedy rows carry neutral values).
     temperature: torch.Tensor  # [B, 1]
     top_k: torch.Tensor | None  # [B] long, 0 = off
@@ -90,8 +97,8 @@ class SamplingBatch:
     @property
     def needs_processing(self) -> bool:
         """True when some row uses step 1, 2 or 3."""
-        return any(t is not None for t in (self.bias, self.min_tokens_mask, self.seen_mask,
-                                           self.output_counts))
+        return any(t is not None for t in (self.bias, self.min_tokens_mask, self.repetition,
+                                           self.frequency_presence))
 
     @staticmethod
     def build(rows: list[SampleRow], vocab_size: int, eos_token_ids: list[int],
@@ -100,8 +107,6 @@ class SamplingBatch:
         params = [r.params for r in rows]
         greedy = [p.greedy or p.temperature < _GREEDY_TEMPERATURE for p in params]
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
-        rep, seen = _build_repetition(rows, vocab_size, device)
-        freq, pres, counts = _build_frequency_presence(rows, vocab_size, device)
         top_k, max_top_k = _build_top_k(params, greedy, vocab_size, device)
         top_p, candidates = _build_top_p(params, greedy, vocab_size, device)
         any_min_p = any(p.min_p > 0 for p in sampled)
@@ -117,8 +122,8 @@ class SamplingBatch:
             generators=[r.generator for r in rows],
             bias=_build_bias(params, vocab_size, device),
             min_tokens_mask=_build_min_tokens_mask(rows, eos_token_ids, vocab_size, device),
-            repetition_penalty=rep, seen_mask=seen,
-            frequency_penalty=freq, presence_penalty=pres, output_counts=counts,
+            repetition=_build_repetition(rows, vocab_size, device),
+            frequency_presence=_build_frequency_presence(rows, vocab_size, device),
             temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]),
             top_k=top_k, max_top_k=max_top_k, top_p=top_p, top_p_candidates=candidates,
             min_p=column([0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)])
@@ -128,8 +133,7 @@ class SamplingBatch:
         )
 
 
-def _build_bias(params: list[SamplingParams], vocab_size: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _build_bias(params: list[SamplingParams], vocab_size: int, device: torch.device) -> TokenEntries | None:
     rows: list[int] = []
     tokens: list[int] = []
     values: list[float] = []
@@ -142,12 +146,12 @@ def _build_bias(params: list[SamplingParams], vocab_size: int,
             values.append(bias)
     if not rows:
         return None
-    return (torch.tensor(rows, device=device), torch.tensor(tokens, device=device),
-            torch.tensor(values, dtype=torch.float32, device=device))
+    return TokenEntries(torch.tensor(rows, device=device), torch.tensor(tokens, device=device),
+                        torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _build_min_tokens_mask(rows: list[SampleRow], eos_token_ids: list[int], vocab_size: int,
-                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+                           device: torch.device) -> TokenEntries | None:
     row_idx: list[int] = []
     tokens: list[int] = []
     for i, r in enumerate(rows):
@@ -158,42 +162,38 @@ def _build_min_tokens_mask(rows: list[SampleRow], eos_token_ids: list[int], voca
         tokens += sorted(banned)
     if not row_idx:
         return None
-    return torch.tensor(row_idx, device=device), torch.tensor(tokens, device=device)
+    return TokenEntries(torch.tensor(row_idx, device=device), torch.tensor(tokens, device=device),
+                        torch.full((len(tokens),), -math.inf, device=device))
 
 
-def _token_coordinates(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten per-row token lists into (row index [N], token id [N]) for one scatter."""
-    rows = [i for i, ids in enumerate(token_lists) for _ in ids]
-    tokens = [t for ids in token_lists for t in ids]
-    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(tokens, dtype=torch.long, device=device)
+def _distinct_tokens(token_lists: list[list[int]], vocab_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row token lists -> distinct (row [N], token [N]) pairs and how often each occurs [N]."""
+    rows = torch.tensor([i for i, ids in enumerate(token_lists) for _ in ids], dtype=torch.long, device=device)
+    tokens = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long, device=device)
+    keys, counts = (rows * vocab_size + tokens).unique(return_counts=True)
+    return keys // vocab_size, keys % vocab_size, counts.to(torch.float32)
 
 
-def _build_repetition(rows: list[SampleRow], vocab_size: int,
-                      device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if all(r.params.repetition_penalty == 1.0 for r in rows):
-        return None, None
-    # Only rows with a penalty contribute tokens: the others' mask is never read (penalty 1).
-    lists = [r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else []
-             for r in rows]
-    row_idx, tokens = _token_coordinates(lists, device)
-    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
-    seen[row_idx, tokens] = True
+def _build_repetition(rows: list[SampleRow], vocab_size: int, device: torch.device) -> TokenEntries | None:
+    used = [r.params.repetition_penalty != 1.0 for r in rows]
+    if not any(used):
+        return None
+    lists = [r.prompt_token_ids + r.output_token_ids if u else [] for r, u in zip(rows, used, strict=True)]
+    row_idx, tokens, _ = _distinct_tokens(lists, vocab_size, device)
     penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32, device=device)
-    return penalty.unsqueeze(1), seen
+    return TokenEntries(row_idx, tokens, penalty[row_idx])
 
 
-def _build_frequency_presence(rows: list[SampleRow], vocab_size: int, device: torch.device
-                              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _build_frequency_presence(rows: list[SampleRow], vocab_size: int, device: torch.device) -> TokenEntries | None:
     used = [r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows]
     if not any(used):
-        return None, None, None
+        return None
     lists = [r.output_token_ids if u else [] for r, u in zip(rows, used, strict=True)]
-    row_idx, tokens = _token_coordinates(lists, device)
-    counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
-    counts.index_put_((row_idx, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+    row_idx, tokens, counts = _distinct_tokens(lists, vocab_size, device)
     freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=torch.float32, device=device)
     pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=torch.float32, device=device)
-    return freq.unsqueeze(1), pres.unsqueeze(1), counts
+    return TokenEntries(row_idx, tokens, freq[row_idx] * counts + pres[row_idx])
 
 
 def _build_top_k(params: list[SamplingParams], greedy: list[bool], vocab_size: int,
@@ -218,28 +218,26 @@ def _build_top_p(params: list[SamplingParams], greedy: list[bool], vocab_size: i
 
 # ---- the pipeline steps: pure functions over logits [B, V] ----
 
-def apply_logit_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_logit_bias(logits: torch.Tensor, bias: TokenEntries) -> torch.Tensor:
     """Step 1a: add each row's logit_bias to the named tokens."""
-    rows, tokens, values = bias
-    return logits.index_put((rows, tokens), values, accumulate=True)
+    return logits.index_put((bias.rows, bias.tokens), bias.values, accumulate=True)
 
 
-def apply_min_tokens_mask(logits: torch.Tensor, mask: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_min_tokens_mask(logits: torch.Tensor, mask: TokenEntries) -> torch.Tensor:
     """Step 1b: forbid EOS and stop token ids (rows still below min_tokens)."""
-    rows, tokens = mask
-    return logits.index_put((rows, tokens), torch.tensor(-math.inf, device=logits.device))
+    return logits.index_put((mask.rows, mask.tokens), mask.values)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Step 2: penalty [B, 1], seen [B, V] bool. Seen logits: positive / penalty, negative * penalty."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+def apply_repetition_penalty(logits: torch.Tensor, seen: TokenEntries) -> torch.Tensor:
+    """Step 2: seen tokens' logits: positive ones divided by the penalty, negative ones multiplied."""
+    current = logits[seen.rows, seen.tokens]  # [N]
+    penalized = torch.where(current < 0, current * seen.values, current / seen.values)
+    return logits.index_put((seen.rows, seen.tokens), penalized)
 
 
-def apply_frequency_presence(logits: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor,
-                             counts: torch.Tensor) -> torch.Tensor:
-    """Step 3: frequency, presence [B, 1], counts [B, V] of output tokens."""
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+def apply_frequency_presence(logits: torch.Tensor, entries: TokenEntries) -> torch.Tensor:
+    """Step 3: subtract frequency * count + presence from each output token's logit."""
+    return logits.index_put((entries.rows, entries.tokens), -entries.values, accumulate=True)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -259,23 +257,34 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, candidates: int | Non
     """Step 6: top_p [B, 1] (1 = off). Keeps a token when the probability of the tokens more
     likely than it is still below top_p, so the most likely token always stays.
 
-    candidates: when set, only the ``candidates`` largest logits of each row can be kept
-    (true after top_k), so a partial sort replaces the full-vocabulary sort.
+    candidates: when set, no row keeps a token outside its ``candidates`` largest logits (true
+    after top_k). Otherwise the ``_TOP_P_CANDIDATES`` largest are tried first and only rows whose
+    kept set does not fit are sorted in full. Probabilities are normalized over the whole row,
+    so both ways compute the same numbers for a row.
     """
-    if candidates is None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    else:
-        sorted_logits, order = logits.topk(candidates, dim=-1)  # [B, C], descending
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative probability
-    drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
-    if candidates is None:
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, drop_sorted)
-    else:
-        # Everything outside the candidates is dropped unless the row has top_p off.
-        drop = (top_p < 1.0).expand_as(logits).clone()
-        drop.scatter_(1, order, drop_sorted)
+    vocab = logits.shape[-1]
+    log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    values, order = logits.topk(min(candidates or _TOP_P_CANDIDATES, vocab), dim=-1)  # [B, C], descending
+    drop_sorted, mass = _top_p_drop(values, log_norm, top_p)
+    drop = (top_p < 1.0).expand_as(logits).clone()  # outside the candidates: dropped when top_p is on
+    drop.scatter_(1, order, drop_sorted)
+    if candidates is None and values.shape[-1] < vocab:
+        # Rows whose candidates hold less than top_p of the mass keep tokens beyond them.
+        redo = ((mass < top_p) & (top_p < 1.0)).squeeze(1).nonzero().squeeze(1)  # [R]
+        if redo.numel() > 0:
+            full_values, full_order = logits[redo].sort(dim=-1, descending=True)  # [R, V]
+            full_drop, _ = _top_p_drop(full_values, log_norm[redo], top_p[redo])
+            drop[redo] = torch.zeros_like(full_drop).scatter(1, full_order, full_drop)
     return logits.masked_fill(drop, -math.inf)
+
+
+def _top_p_drop(sorted_logits: torch.Tensor, log_norm: torch.Tensor,
+                top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sorted_logits [B, C] descending -> (drop [B, C] bool, total probability of the C [B, 1])."""
+    probs = (sorted_logits - log_norm).exp()
+    cumulative = probs.cumsum(dim=-1)
+    mass_before = cumulative - probs  # exclusive: probability of the more likely tokens
+    return (mass_before >= top_p) & (top_p < 1.0), cumulative[:, -1:]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -316,11 +325,10 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = apply_logit_bias(logits, batch.bias)
     if batch.min_tokens_mask is not None:
         logits = apply_min_tokens_mask(logits, batch.min_tokens_mask)
-    if batch.seen_mask is not None:
-        logits = apply_repetition_penalty(logits, batch.repetition_penalty, batch.seen_mask)
-    if batch.output_counts is not None:
-        logits = apply_frequency_presence(logits, batch.frequency_penalty, batch.presence_penalty,
-                                          batch.output_counts)
+    if batch.repetition is not None:
+        logits = apply_repetition_penalty(logits, batch.repetition)
+    if batch.frequency_presence is not None:
+        logits = apply_frequency_presence(logits, batch.frequency_presence)
     return logits
 
 
@@ -343,16 +351,16 @@ class Sampler:
         """logits [B, V] (float32) -> the next token of every row and its raw logprob."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1)  # [B, V], the distribution reported to users
-        if batch.all_greedy and not batch.needs_processing:
-            token_ids, final = logits.argmax(dim=-1), None
+        final = None  # logits after all controls, when some row samples
+        if batch.all_greedy:
+            processed = apply_penalties(logits, batch) if batch.needs_processing else logits
+            token_ids = processed.argmax(dim=-1)
         else:
             processed = apply_penalties(logits, batch)
-            token_ids = processed.argmax(dim=-1)
-            final = None
-            if not batch.all_greedy:
-                final = apply_truncation(processed, batch)
-                sampled = sample(final, batch.generators, batch.greedy_rows)
-                token_ids = torch.where(batch.greedy, token_ids, sampled)
+            final = apply_truncation(processed, batch)
+            token_ids = sample(final, batch.generators, batch.greedy_rows)
+            if any(batch.greedy_rows):
+                token_ids = torch.where(batch.greedy, processed.argmax(dim=-1), token_ids)
         chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         # One transfer for both: token ids (< 2**53) are exact in float64.
         ids_cpu, lps_cpu = torch.stack([token_ids.double(), chosen.double()]).tolist()
