@@ -1,0 +1,241 @@
+"""Weight-only quantized linear layers: GGUF Q4_0/Q4_1/Q8_0 blocks and float weights on int4 kernels.
+
+Decode reads every weight once per step, so its speed is the size of the weights. This module keeps
+them small and runs PyTorch's int4 matmul on them without ever materializing a float copy.
+
+Two weight formats, both with one scale per group of ``GROUP_SIZE`` (32) input columns:
+
+- ``Int4Weight``: ``w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]`` with ``q`` in 0..15 and
+  ``g = k // 32``. This is exactly PyTorch's convention for ``_weight_int4pack_mm``. GGUF converts
+  without loss: Q4_0 is ``d * (q - 8)`` (zero = 0) and Q4_1 is ``d * q + m = d * (q - 8) + (m + 8d)``
+  (zero = m + 8d).
+- ``Int8Weight``: ``w[n, k] = q[n, k] * scale[n, g]`` with ``q`` in -128..127; GGUF Q8_0 is exactly
+  this. It runs on the same int4 kernel by splitting each byte into two nibbles,
+  ``q = 16 * hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15: the layer holds a ``[2N, K]`` int4
+  weight (rows ``:N`` give ``16 * d * hi``, rows ``N:`` give ``d * lo``) and adds the two halves of
+  the output. Still exact, still one byte per weight, and faster here than ``_weight_int8pack_mm``
+  (see docs/quantization.md for the measurements).
+
+The kernels read bfloat16 activations (CUDA requires it; on CPU the float32 path of the int4
+kernel is ~25x slower), so ``QuantLinear`` casts its input to ``compute_dtype`` and its output back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP_SIZE = 32
+
+# GGML type ids (gguf.GGMLQuantizationType values) this module keeps quantized.
+GGML_Q4_0 = 2
+GGML_Q4_1 = 3
+GGML_Q8_0 = 8
+SUPPORTED_GGML_TYPES = frozenset({GGML_Q4_0, GGML_Q4_1, GGML_Q8_0})
+
+
+@dataclass
+class Int4Weight:
+    """Group-wise asymmetric int4: ``w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]``."""
+
+    q: torch.Tensor  # uint8 [N, K], values 0..15
+    scale: torch.Tensor  # float32 [N, K // 32]
+    zero: torch.Tensor  # float32 [N, K // 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] this stands for."""
+        s = self.scale.repeat_interleave(GROUP_SIZE, dim=1)
+        z = self.zero.repeat_interleave(GROUP_SIZE, dim=1)
+        return (self.q.float() - 8) * s + z
+
+
+@dataclass
+class Int8Weight:
+    """Group-wise symmetric int8: ``w[n, k] = q[n, k] * scale[n, k // 32]`` (GGUF Q8_0)."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N, K // 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] this stands for."""
+        return self.q.float() * self.scale.repeat_interleave(GROUP_SIZE, dim=1)
+
+    def to_int4_halves(self) -> Int4Weight:
+        """The exact ``[2N, K]`` int4 form: rows ``:N`` hold ``16*d*hi``, rows ``N:`` hold ``d*lo``."""
+        q = self.q.to(torch.int16)
+        hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
+        lo = q - 16 * hi  # 0..15
+        zeros = torch.zeros_like(self.scale)
+        return Int4Weight(
+            q=torch.cat([hi + 8, lo]).to(torch.uint8),
+            scale=torch.cat([16 * self.scale, self.scale]),
+            zero=torch.cat([zeros, 8 * self.scale]),
+        )
+
+
+QuantWeight = Int4Weight | Int8Weight
+
+
+def _blocks(data: np.ndarray, shape: tuple[int, int], block_bytes: int) -> np.ndarray:
+    """Raw GGUF bytes -> uint8 [N, K // 32, block_bytes], one block per 32 weights of a row."""
+    n, k = shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"in_features must be a multiple of {GROUP_SIZE} for GGUF blocks, got {k}")
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if data.size != n * (k // GROUP_SIZE) * block_bytes:
+        raise ValueError(f"GGUF data has {data.size} bytes, expected {n * (k // GROUP_SIZE) * block_bytes} "
+                         f"for shape {shape}")
+    return data.reshape(n, k // GROUP_SIZE, block_bytes)
+
+
+def _f16(blocks: np.ndarray, start: int) -> torch.Tensor:
+    """The float16 stored at byte ``start`` of each block, as float32 [N, K // 32]."""
+    half = np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0]
+    return torch.from_numpy(half.astype(np.float32))
+
+
+def _nibbles(qs: np.ndarray) -> torch.Tensor:
+    """Q4 block bytes [N, G, 16] -> codes uint8 [N, G * 32]: low nibbles are items 0..15, high 16..31."""
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return torch.from_numpy(q.reshape(q.shape[0], -1))
+
+
+def from_gguf(ggml_type: int, data: np.ndarray, shape: tuple[int, int]) -> QuantWeight:
+    """Convert raw GGUF blocks (uint8, one row per output row) of a [N, K] weight, losslessly."""
+    if ggml_type == GGML_Q4_0:  # block: d f16, 16 bytes of nibbles
+        b = _blocks(data, shape, 18)
+        d = _f16(b, 0)
+        return Int4Weight(q=_nibbles(b[..., 2:]), scale=d, zero=torch.zeros_like(d))
+    if ggml_type == GGML_Q4_1:  # block: d f16, m f16, 16 bytes of nibbles
+        b = _blocks(data, shape, 20)
+        d, m = _f16(b, 0), _f16(b, 2)
+        return Int4Weight(q=_nibbles(b[..., 4:]), scale=d, zero=m + 8 * d)
+    if ggml_type == GGML_Q8_0:  # block: d f16, 32 int8
+        b = _blocks(data, shape, 34)
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(shape)
+        return Int8Weight(q=torch.from_numpy(q), scale=_f16(b, 0))
+    raise ValueError(f"ggml_type must be one of {sorted(SUPPORTED_GGML_TYPES)} (Q4_0, Q4_1, Q8_0), "
+                     f"got {ggml_type}")
+
+
+def _groups(w: torch.Tensor) -> torch.Tensor:
+    """float weight [N, K] -> float32 [N, K // 32, 32]."""
+    n, k = w.shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"in_features must be a multiple of {GROUP_SIZE} to quantize, got {k}")
+    return w.detach().float().reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+
+
+def quantize_int4(w: torch.Tensor) -> Int4Weight:
+    """Round-to-nearest asymmetric int4 per group of 32 (min/max): scale = (max - min) / 15."""
+    g = _groups(w)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+    # q * scale + lo == (q - 8) * scale + (lo + 8 * scale)
+    return Int4Weight(q=q.to(torch.uint8).reshape(w.shape), scale=scale, zero=lo + 8 * scale)
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Round-to-nearest symmetric int8 per group of 32 (absmax / 127), the Q8_0 recipe."""
+    g = _groups(w)
+    scale = (g.abs().amax(-1) / 127).clamp_min(1e-12)
+    q = (g / scale[..., None]).round().clamp(-127, 127)
+    return Int8Weight(q=q.to(torch.int8).reshape(w.shape), scale=scale)
+
+
+def concat(weights: list[QuantWeight]) -> QuantWeight:
+    """Stack weights of one format along the output dim (fusing q/k/v or gate/up into one layer)."""
+    kinds = {type(w) for w in weights}
+    if len(kinds) != 1 or len({w.shape[1] for w in weights}) != 1:
+        raise ValueError("concat needs weights of one format and one in_features, got "
+                         f"{[(type(w).__name__, w.shape) for w in weights]}")
+    if isinstance(weights[0], Int8Weight):
+        return Int8Weight(q=torch.cat([w.q for w in weights]), scale=torch.cat([w.scale for w in weights]))
+    return Int4Weight(q=torch.cat([w.q for w in weights]), scale=torch.cat([w.scale for w in weights]),
+                      zero=torch.cat([w.zero for w in weights]))
+
+
+def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Codes uint8 [N, K] -> the device's packed int4 layout for ``_weight_int4pack_mm*``."""
+    if device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    # CUDA: two codes per byte, even column in the high nibble, then tiled for tensor cores.
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(device)
+    k_tiles = next(t for t in (8, 4, 2) if (q.shape[1] // 16) % t == 0)
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, k_tiles)
+
+
+def pick_compute_dtype(device: torch.device) -> torch.dtype:
+    """Activation dtype for the int4 kernel: bfloat16 (CUDA needs it; on CPU float32 is ~25x slower)."""
+    del device  # same answer on both today; kept so callers need not change when that differs
+    return torch.bfloat16
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` kept as int4 (or int8 as two int4 halves), never dequantized.
+
+    Args:
+        weight: an ``Int4Weight`` or ``Int8Weight`` of shape [out_features, in_features].
+        bias: optional float [out_features].
+        device: where the packed weight lives (selects the CPU or CUDA kernel).
+        compute_dtype: activation dtype inside the kernel; default ``pick_compute_dtype(device)``.
+    """
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % GROUP_SIZE:
+            raise ValueError(f"in_features must be a multiple of {GROUP_SIZE}, got {self.in_features}")
+        self.kind = "int8" if isinstance(weight, Int8Weight) else "int4"
+        self.compute_dtype = compute_dtype or pick_compute_dtype(device)
+        w4 = weight.to_int4_halves() if isinstance(weight, Int8Weight) else weight
+        # scales_and_zeros: [K // 32, N', 2] with N' = N (int4) or 2N (int8 halves)
+        sz = torch.stack([w4.scale, w4.zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("packed", _pack_int4(w4.q, device))
+        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=self.compute_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device))
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the scales to a dtype the kernel may not accept: keep them.
+        dtype = self.scales_and_zeros.dtype
+        out = super()._apply(fn, recurse)
+        self.scales_and_zeros = self.scales_and_zeros.to(dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.packed.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        if self.kind == "int8":  # y: [M, 2N] = [16*d*hi part | d*lo part]
+            y = y[:, :self.out_features] + y[:, self.out_features:]
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+                f"group_size={GROUP_SIZE}, compute_dtype={self.compute_dtype}")
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer keeps in memory for its weight (packed codes + scales/zeros)."""
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
