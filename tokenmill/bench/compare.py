@@ -39,9 +39,15 @@ def load_transformers_model(model: str, dtype: torch.dtype, device: torch.device
     if fmt == "gguf":
         p = Path(path)
         # transformers dequantizes GGUF weights to dtype (the same values the engine uses).
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, torch_dtype=dtype)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+        # The GGUF-loaded module generated markedly slower here than a freshly built one with the
+        # same weights, so copy them into a plain model to compare against transformers at its best.
+        hf = transformers.AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+        hf.load_state_dict(loaded.state_dict(), strict=False)
+        hf.tie_weights()
+        del loaded
     else:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return hf.to(device).eval()
 
 
