@@ -1,0 +1,121 @@
+"""The engine end to end: batch invariance, chunked prefill, preemption, abort, rejection, n > 1."""
+
+import pytest
+
+from tokenmill import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts_of_lengths(lengths: list[int]) -> list[list[int]]:
+    return [[(7 * i + 13 * n) % 1000 + 5 for i in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_hf_model):
+    return str(tiny_hf_model(arch="llama", tie=False))
+
+
+def make_llm(path: str, **kw) -> LLM:
+    kw.setdefault("kv_cache_memory_gb", 0.05)
+    return LLM(model=path, **kw)
+
+
+def token_lists(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def assert_no_blocks_in_use(llm: LLM) -> None:
+    assert llm.engine.block_manager.num_used_blocks == 0
+    assert not llm.engine.has_unfinished()
+
+
+def test_batch_gives_the_same_tokens_as_each_prompt_alone(tiny_path):
+    llm = make_llm(tiny_path)
+    prompts = prompts_of_lengths([3, 17, 5, 40, 1, 9, 23, 2, 31, 6, 12, 4, 19, 8, 27, 11])
+    batched = token_lists(llm.generate(prompts, GREEDY, use_tqdm=False))
+    alone = [token_lists(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+    assert batched == alone
+    assert all(len(t) == 12 for t in batched)
+    assert_no_blocks_in_use(llm)
+
+
+def test_chunked_prefill_matches_unchunked(tiny_path):
+    prompt = prompts_of_lengths([70])
+    whole = make_llm(tiny_path, max_num_batched_tokens=512)
+    chunked = make_llm(tiny_path, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    a, b = whole.generate(prompt, params, use_tqdm=False)[0], chunked.generate(prompt, params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        token = next(iter(pa))
+        assert pb[token].logprob == pytest.approx(pa[token].logprob, abs=1e-4)
+
+
+def test_preemption_with_a_small_cache_gives_the_same_outputs(tiny_path):
+    prompts = prompts_of_lengths([30, 25, 33, 28, 31, 27])
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    big = make_llm(tiny_path)
+    # 10 blocks of 16 tokens: room for ~3 of these sequences at once
+    small = make_llm(tiny_path, kv_cache_memory_gb=10 * 2 * 2 * 16 * 2 * 16 * 4 / 2**30)
+    assert small.engine.block_manager.num_blocks == 10
+    expected = token_lists(big.generate(prompts, params, use_tqdm=False))
+    got = token_lists(small.generate(prompts, params, use_tqdm=False))
+    assert got == expected
+    assert small.engine.scheduler.num_preemptions_total > 0
+    assert_no_blocks_in_use(small)
+
+
+def test_abort_mid_generation_frees_blocks(tiny_path):
+    llm = make_llm(tiny_path)
+    engine = llm.engine
+    rid = engine.add_request(prompts_of_lengths([20])[0], SamplingParams(max_tokens=100, ignore_eos=True))
+    other = engine.add_request(prompts_of_lengths([8])[0], SamplingParams(temperature=0, max_tokens=5))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    engine.abort(rid)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[rid].finished and outs[rid].outputs[0].finish_reason == "abort"
+    while engine.has_unfinished():
+        engine.step()
+    assert_no_blocks_in_use(llm)
+    assert other not in engine.requests
+
+
+def test_request_that_can_never_fit_is_rejected_with_both_numbers(tiny_path):
+    llm = make_llm(tiny_path, max_model_len=64)
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\).*64"):
+        llm.generate(prompts_of_lengths([60]), SamplingParams(max_tokens=10), use_tqdm=False)
+    assert_no_blocks_in_use(llm)
+
+
+def test_bad_input_is_a_clear_error(tiny_path):
+    llm = make_llm(tiny_path)
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        llm.generate("", SamplingParams(), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate("hi", SamplingParams(max_tokens=0), use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate("hi", SamplingParams(temperature=-1), use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate("hi", SamplingParams(logit_bias={10**7: 1.0}), use_tqdm=False)
+
+
+def test_n_samples_share_the_prompt_blocks_and_differ(tiny_path):
+    llm = make_llm(tiny_path)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3, ignore_eos=True)
+    engine = llm.engine
+    engine.add_request(prompts_of_lengths([40])[0], params, request_id="r")
+    engine.step()  # prefill + first tokens
+    request = engine.requests["r"]
+    assert len(request.seqs) == 4
+    tables = [s.block_table for s in request.seqs]
+    assert all(t[0] == tables[0][0] for t in tables)  # the first (full) prompt block is shared
+    while engine.has_unfinished():
+        engine.step()
+    assert_no_blocks_in_use(llm)
+    out = llm.generate(prompts_of_lengths([40]), params, use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+    again = llm.generate(prompts_of_lengths([40]), params, use_tqdm=False)[0]
+    assert token_lists([out]) == token_lists([again])  # seeded: reproducible
