@@ -169,9 +169,23 @@ def test_beam_returns_ranking_and_trace(server):
     assert [r["text"] for r in ranking] == [c["text"] for c in reference["choices"]]
     trace = data["trace"]
     assert trace, "the engine reported no beam_trace"
+    assert [s["step"] for s in trace] == list(range(1, len(trace) + 1)) and len(trace) <= 4
+    live = {0}  # beam indexes a candidate may extend: the prompt at step 1
     for step in trace:
-        statuses = [c["status"] for c in step["candidates"]]
-        assert set(statuses) <= {"kept", "pruned", "finished"}
-        assert 1 <= statuses.count("kept") <= 3
-        assert all(isinstance(c["text"], str) and isinstance(c["score"], float) for c in step["candidates"])
+        cands = step["candidates"]
+        assert {c["status"] for c in cands} <= {"kept", "pruned", "finished"}
+        assert all(c["parent"] in live for c in cands)
+        kept = sorted(c["beam"] for c in cands if c["status"] == "kept")
+        assert kept == list(range(len(kept))) and len(kept) <= 3
+        assert all(isinstance(c["text"], str) and isinstance(c["score"], float) for c in cands)
+        live = set(kept)
+    # The winner is a path through the trace: kept at every step, then finished.
+    beam_index = 0
+    for i, token in enumerate(ranking[0]["token_ids"]):
+        node = [c for c in trace[i]["candidates"] if c["parent"] == beam_index and c["token_id"] == token]
+        assert len(node) == 1, (i, token)
+        last = i == len(ranking[0]["token_ids"]) - 1
+        assert node[0]["status"] == ("finished" if last else "kept")
+        beam_index = node[0]["beam"]
+    assert node[0]["score"] == pytest.approx(ranking[0]["cumulative_logprob"])
     assert post(server, "/v1/playground/beam", {**body, "num_beams": 1}).json()["error"]["param"] == "num_beams"

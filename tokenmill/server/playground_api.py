@@ -270,12 +270,20 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
                 "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
                 "stop_kind": stop_kind(c, llm.eos_token_ids)} for i, c in enumerate(out.outputs)]
     return {"model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids, "num_beams": body.num_beams,
-            "ranking": ranking, "trace": beam_trace_json(getattr(out, "beam_trace", None), llm.tokenizer),
+            "ranking": ranking, "trace": beam_trace_json(out.beam_trace),
             "metrics": _metrics(out.metrics)}
 
 
-def beam_trace_json(trace: Any, tokenizer: Any) -> list[dict[str, Any]] | None:
-    """The engine's beam_trace as JSON, with each candidate's token text added (None when absent)."""
+def beam_trace_json(trace: list[list[dict[str, Any]]] | None) -> list[dict[str, Any]] | None:
+    """RequestOutput.beam_trace as the steps the page draws (None when the engine gave none).
+
+    Each step lists every candidate the search scored: ``parent`` is the index of the beam it
+    extends (the ``beam`` of a kept candidate of the step before; 0, the prompt, at step 1),
+    ``beam`` its own index among the next step's beams when kept.
+    """
     if trace is None:
         return None
-    return trace  # replaced once the beam engine's trace format lands
+    return [{"step": i + 1, "candidates": [
+        {"parent": c["parent"], "beam": c["beam"], "token_id": c["token_id"], "text": c["token"],
+         "cumulative_logprob": c["cumulative_logprob"], "score": c["score"], "status": c["status"]}
+        for c in candidates]} for i, candidates in enumerate(trace)]

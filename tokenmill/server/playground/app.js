@@ -267,10 +267,12 @@ const NODE_W = 128, NODE_H = 34, COL_GAP = 44, ROW_GAP = 8, PAD = 12;
 // Lays the trace out as columns (one per step) and draws nodes and parent -> child edges in SVG.
 function drawTree(data) {
   const steps = data.trace || [];
-  const columns = [[{ status: "root", text: "prompt", slot: 0, step: -1 }]];
+  const columns = [[{ status: "root", text: "prompt", beam: 0 }]];
   for (const step of steps) {
-    const cands = [...step.candidates].sort((a, b) => a.parent - b.parent || b.score - a.score);
-    columns.push(cands);
+    // Group children under their parent's row so that edges do not cross; best score first.
+    const prev = columns[columns.length - 1];
+    const rowOf = (c) => (columns.length === 1 ? 0 : prev.findIndex((p) => p.status === "kept" && p.beam === c.parent));
+    columns.push([...step.candidates].sort((a, b) => rowOf(a) - rowOf(b) || b.score - a.score));
   }
   const maxRows = Math.max(...columns.map((c) => c.length));
   const width = PAD * 2 + columns.length * (NODE_W + COL_GAP);
@@ -287,7 +289,7 @@ function drawTree(data) {
   for (let ci = 1; ci < columns.length; ci++) {
     columns[ci].forEach((cand, ri) => {
       const prev = columns[ci - 1];
-      const pi = ci === 1 ? 0 : prev.findIndex((p) => p.status === "kept" && p.slot === cand.parent);
+      const pi = ci === 1 ? 0 : prev.findIndex((p) => p.status === "kept" && p.beam === cand.parent);
       if (pi < 0) return;
       const a = pos[ci - 1][pi], b = pos[ci][ri];
       const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2, x2 = b.x, y2 = b.y + NODE_H / 2;

@@ -1,0 +1,185 @@
+"""The playground page in headless Chromium against a real `tokenmill serve` on the default model.
+
+Each view is driven like a user would (type, click, wait), its rendering checked against the API,
+a screenshot saved under the test's tmp dir, and the browser console must stay free of errors.
+Needs Debian's chromium (scripts/install_browser.sh installs it; no browser is downloaded):
+without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = os.environ.get("TOKENMILL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+LOAD_TIMEOUT_S = 300  # the model loads in seconds; the test machine's cores are shared
+RUN_TIMEOUT_MS = 120_000
+EOS_PROMPT = "What is 2+2? Answer with just the number."  # greedy: "2 + 2 = 4<|im_end|>"
+
+if not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")):
+    pytest.skip(f"chromium not found at {CHROMIUM} (run scripts/install_browser.sh to install Debian's "
+                "chromium); skipping the playground browser tests", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_url(tmp_path_factory) -> Iterator[str]:
+    """`tokenmill serve` in a subprocess on a free port, once the model is loaded."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--max-model-len", "512",
+           "--max-num-seqs", "4", "--kv-cache-memory", "0.05", "--seed", "0"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tokenmill serve did not become ready (exit code {proc.poll()}); see {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    executable = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, serve_url) -> Iterator[object]:
+    """A fresh page on the playground; fails the test if the console logged any error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(serve_url + "/")
+    yield pg
+    context.close()
+    assert errors == [], f"console errors: {errors}"
+
+
+def _shot(pg, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    pg.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a real rendering, not a blank page
+    return path
+
+
+def test_tokenizer_view_renders_tokens_with_ids(page, serve_url, tmp_path):
+    page.wait_for_selector("#tok-tokens .tok")  # the sample text is tokenized on load
+    assert page.text_content("#model-name") == "smollm2-135m-instruct"
+    text = "Hello world, naïve 東京 🦊"
+    page.fill("#tok-text", text)
+    page.click("#tok-run")
+    page.wait_for_function("document.querySelectorAll('#tok-tokens .tok').length === 13")
+    expected = httpx.post(f"{serve_url}/v1/tokenize", json={"text": text}, timeout=60).json()
+    chips = page.query_selector_all("#tok-tokens .tok")
+    assert [int(c.get_attribute("data-id")) for c in chips] == [t["id"] for t in expected["tokens"]]
+    assert "id 905" in chips[1].get_attribute("title") and chips[1].text_content() == "·world"
+    # The first byte token of " 東" adds no text: shown as its bytes (a space and 0xE6).
+    assert chips[5].text_content() == "<20 E6>" and "partial" in chips[5].get_attribute("class")
+    assert "13" in page.text_content("#tok-stats")
+    page.check("#tok-chat")
+    page.wait_for_selector("#tok-tokens .tok.special")
+    assert len(page.query_selector_all("#tok-tokens .tok")) > 13
+    _shot(page, tmp_path, "tokenizer")
+
+
+def test_steps_view_shows_candidates_before_and_after_the_controls(page, tmp_path):
+    page.click("#tab-steps")
+    page.fill("#steps-prompt", EOS_PROMPT)
+    page.fill("#steps-temperature", "0")
+    page.fill("#steps-max_tokens", "20")
+    page.fill("#steps-top_n", "5")
+    page.click("#steps-run")
+    page.wait_for_selector("#steps-finish:not(:empty)", timeout=RUN_TIMEOUT_MS)
+    assert page.text_content("#steps-error") == ""
+    assert "end-of-sequence" in page.text_content("#steps-finish")
+    assert page.get_attribute("#steps-finish", "data-kind") == "eos"
+    chips = [c.text_content() for c in page.query_selector_all("#steps-output .tok")]
+    assert "".join(chips[:-1]).replace("·", " ") == "2 + 2 = 4" and chips[-1] == "<|im_end|>"
+    rows = page.query_selector_all("#steps-list .step")
+    assert len(rows) == len(chips) == 8
+    for row in rows:
+        raw, after = row.query_selector_all(".dist")
+        assert len(raw.query_selector_all(".cand")) == 5
+        assert raw.query_selector_all(".cand")[0].get_attribute("class") == "cand chosen"  # greedy = argmax
+        assert [c.text_content() for c in after.query_selector_all(".cand .p")] == ["100.0%"]
+    metrics = page.text_content("#steps-metrics")
+    assert "TTFT" in metrics and "tok/s" in metrics and "–" not in metrics
+    page.click("#steps-output .tok >> nth=2")
+    assert "selected" in page.get_attribute("#step-2", "class")
+    _shot(page, tmp_path, "steps")
+
+
+def test_steps_view_sampled_run_with_stop_string(page, tmp_path):
+    page.click("#tab-steps")
+    page.fill("#steps-prompt", "Write a story about a cat.")
+    page.fill("#steps-temperature", "0.8")
+    page.fill("#steps-top_k", "4")
+    page.fill("#steps-max_tokens", "12")
+    page.fill("#steps-seed", "0")
+    page.fill("#steps-stop", ",")
+    page.click("#steps-run")
+    page.wait_for_selector("#steps-finish:not(:empty)", timeout=RUN_TIMEOUT_MS)
+    # Seed 0 writes "One sunny afternoon," here: the comma ends the run and is cut from the text.
+    assert page.get_attribute("#steps-finish", "data-kind") == "stop_string"
+    assert '","' in page.text_content("#steps-finish")
+    for row in page.query_selector_all("#steps-list .step"):
+        after = row.query_selector_all(".dist")[1]
+        assert 1 <= len(after.query_selector_all(".cand")) <= 4  # top-k = 4 left at most 4 candidates
+        assert after.query_selector(".cand.chosen") is not None  # the sample came from them
+    _shot(page, tmp_path, "steps_sampled")
+
+
+def test_beam_view_draws_the_tree_and_the_ranking(page, tmp_path):
+    page.click("#tab-beam")
+    page.fill("#beam-num_beams", "3")
+    page.fill("#beam-max_tokens", "4")
+    page.click("#beam-run")
+    page.wait_for_selector("#beam-ranking tr >> nth=3", timeout=RUN_TIMEOUT_MS)
+    assert page.text_content("#beam-error") == ""
+    assert len(page.query_selector_all("#beam-ranking tr")) == 1 + 3
+    page.wait_for_selector("#beam-svg")
+    kept = page.query_selector_all("#beam-svg .node.kept")
+    assert len(kept) >= 3 * 3  # every step keeps the beams that go on (or finished ones instead)
+    assert page.query_selector_all("#beam-svg .node.pruned") or page.query_selector_all("#beam-svg .node.finished")
+    assert len(page.query_selector_all("#beam-svg path.edge")) == len(page.query_selector_all("#beam-svg .node")) - 1
+    _shot(page, tmp_path, "beam")
