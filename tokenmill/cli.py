@@ -6,7 +6,6 @@ Bad input prints one line (``tokenmill: error: ...``) and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
