@@ -121,6 +121,7 @@ def test_text_tables() -> None:
     side = format_table(ours, theirs)
     tpot_line = next(line for line in side.splitlines() if line.startswith("TPOT p50"))
     assert tpot_line.split()[-3:] == ["50.00", "100.00", "0.50x"]
+    assert "tokenmill/transformers" in side
     sweep = format_sweep([fake_result("tokenmill", c, 0.05) for c in (1, 4)])
     assert len(sweep.splitlines()) == 4
 

@@ -68,7 +68,8 @@ def format_table(result: BenchResult, other: BenchResult | None = None) -> str:
         return "\n".join(lines)
     other_rows = {name: (value, text) for name, value, text in _rows(other)}
     width = max(len(r[0]) for r in rows)
-    lines.append(f"{'metric':<{width}}  {result.backend:>12}  {other.backend:>12}  {'ratio':>8}")
+    ratio_head = f"{result.backend}/{other.backend}"
+    lines.append(f"{'metric':<{width}}  {result.backend:>12}  {other.backend:>12}  {ratio_head:>8}")
     for name, value, text in rows:
         o_value, o_text = other_rows.get(name, (None, "-"))
         lines.append(f"{name:<{width}}  {text:>12}  {o_text:>12}  {_ratio(value, o_value):>8}")
@@ -138,14 +139,17 @@ def plot(results: list[BenchResult], path: str | Path, others: list[BenchResult]
 
 
 def _plot_single(left: Any, right: Any, result: BenchResult, other: BenchResult | None) -> None:
+    import matplotlib
+
     runs = [result] + ([other] if other else [])
     names = [name for _, name in LATENCIES]
     width = 0.8 / (3 * len(runs))
     for j, run in enumerate(runs):
+        shades = matplotlib.colormaps[("Blues", "Oranges")[j]]
         for k, stat in enumerate(("p50", "p90", "p99")):
             values = [(getattr(getattr(run, key), stat) or 0.0) * 1000 for key, _ in LATENCIES]
             xs = [i + (j * 3 + k) * width - 0.4 for i in range(len(names))]
-            left.bar(xs, values, width, align="edge", label=f"{run.backend} {stat}")
+            left.bar(xs, values, width, align="edge", color=shades(0.45 + 0.2 * k), label=f"{run.backend} {stat}")
     left.set_xticks(range(len(names)), names)
     left.set_yscale("log")
     left.set_ylabel("ms (log scale)")
@@ -159,15 +163,18 @@ def _plot_single(left: Any, right: Any, result: BenchResult, other: BenchResult 
 
 def _plot_sweep(left: Any, right: Any, results: list[BenchResult], others: list[BenchResult] | None) -> None:
     n_total = results[0].num_requests
-    for runs in [results] + ([others] if others else []):
-        levels = [r.concurrency or n_total for r in runs]
-        left.plot(levels, [r.output_throughput for r in runs], marker="o", label=runs[0].backend)
-        right.plot(levels, [(r.tpot_s.p50 or 0.0) * 1000 for r in runs], marker="o", label=f"{runs[0].backend} p50")
-        right.plot(levels, [(r.tpot_s.p90 or 0.0) * 1000 for r in runs], marker="x", linestyle="--",
-                   label=f"{runs[0].backend} p90")
+    levels = [r.concurrency or n_total for r in results]
+    for runs, color in zip([results] + ([others] if others else []), ("tab:blue", "tab:orange"), strict=False):
+        name = runs[0].backend
+        left.plot(levels, [r.output_throughput for r in runs], marker="o", color=color, label=name)
+        right.plot(levels, [(r.tpot_s.p50 or 0.0) * 1000 for r in runs], marker="o", color=color, label=f"{name} p50")
+        right.plot(levels, [(r.tpot_s.p90 or 0.0) * 1000 for r in runs], marker="x", linestyle="--", color=color,
+                   label=f"{name} p90")
     for ax, title, ylabel in ((left, "throughput", "output tokens/s"), (right, "time per output token", "ms")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
+        ax.set_xticks(levels, [str(level) for level in levels])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrency (requests in flight)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
