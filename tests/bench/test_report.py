@@ -144,3 +144,21 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
         width, height = _png_size(path)
         assert width > 400 and height > 200
         assert matplotlib.image.imread(path).shape[:2] == (height, width)
+
+
+def test_sse_lines_fill_the_record() -> None:
+    from tokenmill.bench.serving import _handle_line
+
+    record = RequestRecord(prompt_tokens=3, start_time=0.0)
+    chunk = {"choices": [{"index": 0, "text": "Hi"}]}
+    assert _handle_line("data: " + json.dumps(chunk), record) is None
+    assert _handle_line(": keep-alive comment", record) is None
+    assert _handle_line('data: {"choices": [{"index": 0, "text": ""}]}', record) is None  # no new text
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    assert _handle_line("data: " + json.dumps({"choices": [], "usage": usage}), record) == usage
+    assert _handle_line("data: [DONE]", record) is None
+    assert len(record.chunk_times) == 1 and record.error is None
+    _handle_line('data: {"error": {"message": "queue full"}}', record)
+    assert record.error == "queue full"
+    _handle_line("data: {oops", record)
+    assert record.error.startswith("not a JSON event")

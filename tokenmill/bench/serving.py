@@ -112,7 +112,11 @@ def _handle_line(line: str, record: RequestRecord) -> dict[str, Any] | None:
     payload = line[len("data:"):].strip()
     if payload == "[DONE]":
         return None
-    event = json.loads(payload)
+    try:
+        event = json.loads(payload)
+    except json.JSONDecodeError:
+        record.error = f"not a JSON event: {payload[:200]!r}"
+        return None
     if "error" in event:
         record.error = str(event["error"].get("message", event["error"]))
         return None
