@@ -82,14 +82,14 @@ def eos_likely(plain, tmp_path_factory):
 
 
 def hf_beam_search(hf, prompt: list[int], eos_ids: list[int], num_beams: int, n: int, length_penalty: float,
-                   early_stopping, max_tokens: int) -> list[tuple[list[int], float]]:
+                   early_stopping, max_tokens: int, **extra) -> list[tuple[list[int], float]]:
     """transformers' best n hypotheses: (generated tokens, score)."""
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           num_beams=num_beams, do_sample=False, num_return_sequences=n,
                           length_penalty=length_penalty, early_stopping=early_stopping,
                           max_new_tokens=max_tokens, eos_token_id=eos_ids, pad_token_id=0,
-                          return_dict_in_generate=True, output_scores=True)
+                          return_dict_in_generate=True, output_scores=True, **extra)
     hyps = []
     for row, score, indices in zip(out.sequences, out.sequences_scores, out.beam_indices, strict=True):
         length = int((indices >= 0).sum())  # generated tokens; the rest of the row is padding
@@ -152,6 +152,22 @@ def test_matches_transformers_with_stop_token_ids(plain, case):
         # the stop id ended a hypothesis before max_tokens (it may be outranked by longer ones later)
         assert any(c["status"] == "finished" and c["token_id"] == stop_id
                    for step in out.beam_trace[:-1] for c in step)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (dict(min_tokens=5), dict(min_new_tokens=5)),
+    (dict(repetition_penalty=1.5), dict(repetition_penalty=1.5)),
+], ids=["min_tokens", "repetition_penalty"])
+def test_matches_transformers_with_logits_controls(eos_likely, ours, theirs):
+    """min_tokens and repetition_penalty act on the log-probabilities, as transformers' processors do."""
+    llm, hf = eos_likely
+    eos_ids = llm.engine.eos_token_ids
+    params = SamplingParams(num_beams=4, n=2, max_tokens=10, early_stopping=True, **ours)
+    for prompt in PROMPTS:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        assert_same_as_hf(out, hf_beam_search(hf, prompt, eos_ids, 4, 2, 1.0, True, 10, **theirs), eos_ids)
+        if "min_tokens" in ours:
+            assert all(len(c.token_ids) > 5 for c in out.outputs)
 
 
 def test_beams_computed_in_different_steps_give_the_same_result(eos_likely):

@@ -4,8 +4,9 @@ Every live beam is an ordinary Sequence in the decode batch. When all beams of a
 their next-token logits, one search step runs (the rule of transformers' ``generate(num_beams=B)``,
 so results are token-identical to it on the same weights):
 
-1. Scores: ``log_softmax(logits)`` of each beam (EOS and stop ids masked while fewer than
-   min_tokens are out) plus the beam's cumulative log-probability; flattened over beams x vocab.
+1. Scores: ``log_softmax(logits)`` of each beam, through steps 1-3 of the sampling pipeline (logit_bias,
+   EOS and stop ids masked while fewer than min_tokens are out, the penalties), plus the beam's
+   cumulative log-probability; flattened over beams x vocab.
 2. Candidates: the top ``K = max(2, 1 + number of stop ids) * B`` of them, so that at least B
    candidates survive even when every beam's best continuation ends it.
 3. Running beams: the best B candidates that do not end (EOS, stop id, stop string, max_tokens).
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenmill.engine.request import FinishReason, Request, Sequence
+from tokenmill.engine.sampler import SampleRow, SamplingBatch, apply_penalties
 from tokenmill.outputs import Logprob, PositionLogprobs
 
 if TYPE_CHECKING:
@@ -121,17 +123,23 @@ class BeamSearch:
     # ---- one search step --------------------------------------------------------------------
 
     def _advance(self, request: Request, group: BeamGroup, beams: list[Sequence], logits: torch.Tensor) -> None:
-        params = request.params
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [b, V]
         stop_ids = self._stop_ids(request)
-        num_out = beams[0].num_output_tokens  # every beam has the same length
-        if num_out < params.min_tokens and stop_ids:
-            logprobs[:, stop_ids] = float("-inf")
+        logprobs = self._apply_controls(request, beams, logprobs)
         candidates = self._top_candidates(request, beams, logprobs, len(stop_ids))
         kept = self._select(request, group, beams, candidates, logprobs)
         group.trace.append([self._trace_entry(c) for c in candidates])
         self._update_beams(request, beams, kept, logprobs)
         group.done = not request.live_seqs or not self._can_continue(request, group)
+
+    def _apply_controls(self, request: Request, beams: list[Sequence], logprobs: torch.Tensor) -> torch.Tensor:
+        """Steps 1-3 of the sampling pipeline (logit_bias, the min_tokens mask of EOS and stop ids, the
+        penalties) on the log-probabilities, where transformers' logits processors act in beam search."""
+        params = request.params
+        eos = [] if params.ignore_eos else self.engine.eos_token_ids
+        rows = [SampleRow(params, s.prompt_token_ids, s.output_token_ids, None) for s in beams]
+        batch = SamplingBatch.build(rows, logprobs.shape[-1], eos, logprobs.device)
+        return apply_penalties(logprobs, batch) if batch.needs_processing else logprobs
 
     def _top_candidates(self, request: Request, beams: list[Sequence], logprobs: torch.Tensor,
                         num_stop_ids: int) -> list[Candidate]:
