@@ -154,7 +154,7 @@ function number(id) {
 }
 
 function stepsBody() {
-  const stop = $("steps-stop").value.split(",").map((s) => s.replace(/\\n/g, "\n")).filter((s) => s.length > 0);
+  const stop = $("steps-stop").value.split("\n").map((s) => s.replace(/\\n/g, "\n")).filter((s) => s.length > 0);
   const body = { prompt: $("steps-prompt").value, chat_template: $("steps-chat").checked, stop };
   for (const f of ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]) {
     body[f] = number("steps-" + f);
