@@ -140,11 +140,13 @@ class TorchSDPABackend:
         bd, h, d = q.shape
         hkv = k_cache.shape[1]
         # Gather each decode's context straight into [Bd, Hkv, Kmax, D] (one copy, contiguous
-        # batches for the matmuls) by indexing rows of the cache seen as [num_slots * Hkv, D].
+        # batches for the matmuls) by selecting rows of the cache seen as [num_slots * Hkv, D];
+        # index_select copies whole rows, ~10x faster on CPU than advanced indexing.
+        kmax = meta.decode_gather_index.shape[1]
         heads = torch.arange(hkv, device=q.device)
-        rows = meta.decode_gather_index[:, None, :] * hkv + heads[None, :, None]  # [Bd, Hkv, Kmax]
-        keys = k_cache.view(-1, d)[rows].to(q.dtype)  # [Bd, Hkv, Kmax, D]
-        values = v_cache.view(-1, d)[rows].to(q.dtype)
+        rows = (meta.decode_gather_index[:, None, :] * hkv + heads[None, :, None]).view(-1)  # [Bd*Hkv*Kmax]
+        keys = k_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
+        values = v_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
         # GQA: the G = H / Hkv query heads of a group share their K/V head, no repeat needed
         qg = (q * scale).reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Bd, Hkv, G, Kmax]
@@ -160,8 +162,8 @@ class TorchSDPABackend:
             out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale,
                                                  enable_gqa=True)
         else:
-            keys = k_cache[p.gather_index].transpose(0, 1)[None].to(q.dtype)
-            values = v_cache[p.gather_index].transpose(0, 1)[None].to(q.dtype)
+            keys = k_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)
+            values = v_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask, scale=scale,
                                                  enable_gqa=True)
         return out[0].transpose(0, 1)  # [q, H, D]
