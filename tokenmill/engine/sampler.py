@@ -35,9 +35,9 @@ from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _GREEDY_TEMPERATURE = 1e-5
-# top_p first looks for its kept set among this many most likely tokens (a partial sort);
-# only rows whose set is larger fall back to sorting the whole vocabulary.
-_TOP_P_CANDIDATES = 256
+# top_p looks for its kept set among this many most likely tokens (partial sorts, cheaper than
+# sorting the vocabulary); only rows whose set is larger than all of them sort in full.
+_TOP_P_CANDIDATES = (256, 4096)
 
 
 class TokenEntries(NamedTuple):
@@ -258,23 +258,26 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, candidates: int | Non
     likely than it is still below top_p, so the most likely token always stays.
 
     candidates: when set, no row keeps a token outside its ``candidates`` largest logits (true
-    after top_k). Otherwise the ``_TOP_P_CANDIDATES`` largest are tried first and only rows whose
-    kept set does not fit are sorted in full. Probabilities are normalized over the whole row,
-    so both ways compute the same numbers for a row.
+    after top_k). Otherwise the kept set is looked for among the largest _TOP_P_CANDIDATES
+    logits, then among more for the rows whose set did not fit, and only then in a full sort.
+    Probabilities are normalized over the whole row, so every size computes the same numbers.
     """
     vocab = logits.shape[-1]
     log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
-    values, order = logits.topk(min(candidates or _TOP_P_CANDIDATES, vocab), dim=-1)  # [B, C], descending
-    drop_sorted, mass = _top_p_drop(values, log_norm, top_p)
-    drop = (top_p < 1.0).expand_as(logits).clone()  # outside the candidates: dropped when top_p is on
-    drop.scatter_(1, order, drop_sorted)
-    if candidates is None and values.shape[-1] < vocab:
+    drop = (top_p < 1.0).expand_as(logits).clone()  # tokens outside the candidates go when top_p is on
+    rows = torch.arange(logits.shape[0], device=logits.device)  # [R] rows still to settle
+    sizes = [candidates] if candidates is not None else [*_TOP_P_CANDIDATES, vocab]
+    for size in sizes:
+        size = min(size, vocab)
+        values, order = logits[rows].topk(size, dim=-1)  # [R, size], descending
+        drop_sorted, mass = _top_p_drop(values, log_norm[rows], top_p[rows])
+        drop[rows] = drop[rows].scatter(1, order, drop_sorted)
+        if size == vocab or candidates is not None:
+            break
         # Rows whose candidates hold less than top_p of the mass keep tokens beyond them.
-        redo = ((mass < top_p) & (top_p < 1.0)).squeeze(1).nonzero().squeeze(1)  # [R]
-        if redo.numel() > 0:
-            full_values, full_order = logits[redo].sort(dim=-1, descending=True)  # [R, V]
-            full_drop, _ = _top_p_drop(full_values, log_norm[redo], top_p[redo])
-            drop[redo] = torch.zeros_like(full_drop).scatter(1, full_order, full_drop)
+        rows = rows[((mass < top_p[rows]) & (top_p[rows] < 1.0)).squeeze(1)]
+        if rows.numel() == 0:
+            break
     return logits.masked_fill(drop, -math.inf)
 
 
