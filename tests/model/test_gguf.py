@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file
 
 from tokenmill.model.gguf import (
+    GGUFFile,
     GGUFTensorInfo,
     RawQuantTensor,
     dequantize_tensor,
@@ -30,15 +31,41 @@ def default_gguf(default_model_path):
 
 @pytest.fixture(scope="module")
 def hf_gguf_state_dict(default_model_path):
-    """transformers' own GGUF loader: dequantized tensors under HF names, Q/K permutation undone."""
+    """transformers' GGUF loading pieces on the gguf package's own reader, for the compared layers:
+    its metadata -> config key table, name map, numpy dequantization and llama Q/K permutation undo.
+    (AutoConfig.from_pretrained(gguf_file=...) does the same but also parses the whole vocabulary.)"""
     import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from gguf import GGUFReader
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
 
-    config = transformers.AutoConfig.from_pretrained(default_model_path.parent, gguf_file=default_model_path.name)
-    with torch.device("meta"):  # only the parameter names are needed for the name mapping
+    reader = GGUFReader(str(default_model_path))
+    values = {hf: reader.fields[f"llama.{key}"].contents() for key, hf in GGUF_CONFIG_MAPPING["llama"].items()
+              if f"llama.{key}" in reader.fields}
+    config = transformers.LlamaConfig(**values)
+    with torch.device("meta"):  # only the parameter names are needed for the name map
         skeleton = transformers.LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(default_model_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    name_map = get_gguf_hf_weights_map(skeleton)
+    processor = LlamaTensorProcessor(config=values)
+    wanted = ("token_embd.", "output_norm.", *(f"blk.{i}." for i in COMPARED_LAYERS))
+    tensors = {}
+    for t in reader.tensors:
+        if t.name.startswith(wanted):
+            weights = processor.process(dequantize(t.data, t.tensor_type), t.name).weights
+            tensors[name_map[t.name]] = torch.from_numpy(np.array(weights))
     return config, tensors
+
+
+def _subset(gf: GGUFFile, prefixes: tuple[str, ...]) -> GGUFFile:
+    """The same file restricted to some tensors (dequantizing all 272 is slow on a shared CPU)."""
+    return GGUFFile(gf.path, gf.metadata, {k: v for k, v in gf.tensors.items() if k.startswith(prefixes)})
+
+
+@pytest.fixture(scope="module")
+def dense(default_gguf):
+    """Our float32 tensors of the compared layers."""
+    subset = _subset(default_gguf, ("token_embd.", "output_norm.", *(f"blk.{i}." for i in COMPARED_LAYERS)))
+    return load_gguf_tensors(subset, model_config_from_gguf(default_gguf), torch.float32)
 
 
 def test_config_matches_transformers(default_gguf, hf_gguf_state_dict):
@@ -56,41 +83,35 @@ def test_config_matches_transformers(default_gguf, hf_gguf_state_dict):
     assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, [2])
 
 
-def test_dequantized_tensors_match_transformers(default_gguf, hf_gguf_state_dict):
+def test_dequantized_tensors_match_transformers(dense, hf_gguf_state_dict):
     _, theirs = hf_gguf_state_dict
-    cfg = model_config_from_gguf(default_gguf)
-    ours = load_gguf_tensors(default_gguf, cfg, torch.float32)
+    ours = dense
     assert "lm_head.weight" not in ours  # tied
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names += [n for n in ours if any(n.startswith(f"model.layers.{i}.") for i in COMPARED_LAYERS)]
-    assert len(names) == 2 + 9 * len(COMPARED_LAYERS)
-    for name in names:
-        expected = torch.as_tensor(np.asarray(theirs[name]), dtype=torch.float32)
+    assert len(theirs) == len(ours) == 2 + 9 * len(COMPARED_LAYERS)
+    for name, expected in theirs.items():
         assert ours[name].dtype == torch.float32
         assert ours[name].shape == expected.shape, name
         assert torch.equal(ours[name], expected), name
 
 
-def test_dtype_casts_weights(default_gguf):
-    cfg = model_config_from_gguf(default_gguf)
-    bf16 = load_gguf_tensors(default_gguf, cfg, torch.bfloat16)
-    f32 = load_gguf_tensors(default_gguf, cfg, torch.float32)
-    name = "model.layers.3.mlp.up_proj.weight"
-    assert bf16[name].dtype == torch.bfloat16
-    assert torch.equal(bf16[name], f32[name].to(torch.bfloat16))
+def test_dtype_casts_weights(default_gguf, dense):
+    for gguf_name, name in [("blk.1.ffn_up.weight", "model.layers.1.mlp.up_proj.weight"),
+                            ("output_norm.weight", "model.norm.weight")]:
+        bf16 = dequantize_tensor(default_gguf.tensors[gguf_name], torch.bfloat16)
+        assert bf16.dtype == torch.bfloat16
+        assert torch.equal(bf16, dense[name].to(torch.bfloat16))
 
 
-def test_keep_quantized_returns_permuted_raw_blocks(default_gguf):
+def test_keep_quantized_returns_permuted_raw_blocks(default_gguf, dense):
     cfg = model_config_from_gguf(default_gguf)
-    dense = load_gguf_tensors(default_gguf, cfg, torch.float32)
     raw = load_gguf_tensors(default_gguf, cfg, torch.float32, keep_quantized=frozenset({int(T.Q4_1)}))
-    q = raw["model.layers.2.self_attn.q_proj.weight"]
-    k = raw["model.layers.2.self_attn.k_proj.weight"]
+    q = raw["model.layers.1.self_attn.q_proj.weight"]
+    k = raw["model.layers.1.self_attn.k_proj.weight"]
     assert isinstance(q, RawQuantTensor) and q.ggml_type == int(T.Q4_1)
     assert q.shape == (576, 576) and q.data.dtype == np.uint8 and q.data.shape == (576, 576 // 32 * 20)
     assert k.shape == (192, 576)
-    for name, t in [("model.layers.2.self_attn.q_proj.weight", q), ("model.layers.2.self_attn.k_proj.weight", k),
-                    ("model.layers.2.mlp.down_proj.weight", raw["model.layers.2.mlp.down_proj.weight"])]:
+    for name, t in [("model.layers.1.self_attn.q_proj.weight", q), ("model.layers.1.self_attn.k_proj.weight", k),
+                    ("model.layers.1.mlp.down_proj.weight", raw["model.layers.1.mlp.down_proj.weight"])]:
         # dequantizing the handed-over rows gives the HF-ordered dense weight: rows moved whole
         assert torch.equal(torch.from_numpy(dequantize(t.data, T.Q4_1)), dense[name]), name
     # types not asked for are dequantized as usual
