@@ -119,3 +119,17 @@ def test_n_samples_share_the_prompt_blocks_and_differ(tiny_path):
     assert len(out.outputs) == 4 and len({tuple(c.token_ids) for c in out.outputs}) > 1
     again = llm.generate(prompts_of_lengths([40]), params, use_tqdm=False)[0]
     assert token_lists([out]) == token_lists([again])  # seeded: reproducible
+
+
+def test_logprobs_rank_the_chosen_token_and_the_alternatives(tiny_path):
+    llm = make_llm(tiny_path)
+    out = llm.generate(prompts_of_lengths([10]), SamplingParams(temperature=0, max_tokens=6, logprobs=3,
+                                                                ignore_eos=True), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == len(c.token_ids) == 6
+    for token, position in zip(c.token_ids, c.logprobs):
+        assert position[token].rank == 1  # greedy picks the most likely token
+        by_rank = sorted(position.values(), key=lambda lp: lp.rank)
+        assert [lp.rank for lp in by_rank] == [1, 2, 3]
+        assert all(a.logprob >= b.logprob for a, b in zip(by_rank, by_rank[1:]))
+    assert c.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(c.token_ids, c.logprobs)))

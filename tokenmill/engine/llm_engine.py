@@ -246,11 +246,7 @@ class LLMEngine:
         request.metrics.num_generated_tokens += 1
         self.generation_tokens_total += 1
         if request.params.logprobs is not None:
-            entry = {token: Logprob(logprob, rank, self.tokenizer.decode([token], skip_special_tokens=False))}
-            for tid, lp in (top or {}).items():
-                if tid != token:
-                    entry[tid] = Logprob(lp, None, self.tokenizer.decode([tid], skip_special_tokens=False))
-            self._rank_alternatives(entry, token)
+            entry = self._position_entry(token, logprob, rank, top or {})
             seq.logprobs.append(entry)
             seq.delta_logprobs.append(entry)
         if processed is not None:
@@ -267,13 +263,15 @@ class LLMEngine:
         elif stop is not None:
             self._end_sequence(seq, *stop)
 
-    @staticmethod
-    def _rank_alternatives(entry: PositionLogprobs, chosen: int) -> None:
-        ordered = sorted((tid for tid in entry if tid != chosen), key=lambda t: -entry[t].logprob)
-        for rank, tid in enumerate(ordered, start=1):
-            entry[tid].rank = rank
-        if entry[chosen].rank is None:
-            entry[chosen].rank = 1 + sum(1 for t in ordered if entry[t].logprob > entry[chosen].logprob)
+    def _position_entry(self, token: int, logprob: float, rank: int | None,
+                        top: dict[int, float]) -> PositionLogprobs:
+        """The chosen token (rank in the whole vocabulary) and the top alternatives (ranks 1..k)."""
+        decode = self.tokenizer.decode
+        entry = {token: Logprob(logprob, rank, decode([token], skip_special_tokens=False))}
+        for alt_rank, (tid, lp) in enumerate(sorted(top.items(), key=lambda kv: -kv[1]), start=1):
+            if tid != token:
+                entry[tid] = Logprob(lp, alt_rank, decode([tid], skip_special_tokens=False))
+        return entry
 
     def _end_sequence(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
         if seq.is_finished:
