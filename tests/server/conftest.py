@@ -100,3 +100,18 @@ def server() -> Iterator[RunningServer]:
         time.sleep(0.1)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def serve_app() -> Iterator:
+    """Factory: serve another app (e.g. one sharing ``server.engine``) in a thread; stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(app: FastAPI) -> RunningServer:
+        running = serve_in_thread(app)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

@@ -68,7 +68,7 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None,
     app.include_router(tgi_api.router)
     _include_playground_router(app)
     # Last: a mount at "/" would shadow any route added after it.
-    app.mount("/", StaticFiles(directory=PLAYGROUND_DIR, html=True, check_dir=False), name="playground")
+    app.mount("/", _PlaygroundFiles(directory=PLAYGROUND_DIR, html=True, check_dir=False), name="playground")
     return app
 
 
@@ -121,6 +121,15 @@ def _include_playground_router(app: FastAPI) -> None:
             raise
         return
     app.include_router(module.router)
+
+
+class _PlaygroundFiles(StaticFiles):
+    """The static page; any other method on an unknown path is a 404 (not StaticFiles' 405)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            raise StarletteHTTPException(404)
+        return await super().get_response(path, scope)
 
 
 # -- auth and errors --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class ApiError(Exception):
     """An error the client caused or must know about, rendered as OpenAI-shaped JSON."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
              429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
