@@ -74,17 +74,17 @@ def test_top_k_matches_transformers_per_row():
     assert (ours[1] > -math.inf).sum() == 5
 
 
-@pytest.mark.parametrize(("candidates", "vocab"), [(None, VOCAB), (20, VOCAB), (None, 5000), (None, 50_000)])
-def test_top_p_matches_transformers_per_row(candidates, vocab):
+@pytest.mark.parametrize(("candidates", "vocab", "tiers_exceeded"),
+                         [(None, VOCAB, 0), (20, VOCAB, 0), (None, 5000, 1), (None, 50_000, 2)])
+def test_top_p_matches_transformers_per_row(candidates, vocab, tiers_exceeded):
     """Large vocabularies: the flat row's kept set is larger than the first partial sort."""
     logits = _logits(4, vocab, seed=1)
     logits[0] *= 4  # peaky: its kept set fits in the first candidates
     ps = [0.9, 0.5, 0.95, 1.0]
     if candidates is not None:  # the partial-sort path is only valid after top_k
         logits = apply_top_k(logits, torch.full((4,), candidates), candidates)
-    for size in _TOP_P_CANDIDATES:  # row 2 really needs more than each partial sort below vocab
-        if vocab > size:
-            assert logits[2].softmax(-1).topk(size).values.sum() < ps[2]
+    for size in _TOP_P_CANDIDATES[:tiers_exceeded]:  # row 2 really needs more than these partial sorts
+        assert logits[2].softmax(-1).topk(size).values.sum() < ps[2]
     ours = apply_top_p(logits, torch.tensor(ps).unsqueeze(1), candidates)
     for i, p in enumerate(ps):
         _assert_same_distribution(ours[i:i + 1], TopPLogitsWarper(top_p=p)(None, logits[i:i + 1].clone()))
