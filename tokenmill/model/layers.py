@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.model.quant import is_quantized, make_quant_linear
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -47,6 +49,8 @@ def make_linear(weights: Sequence[Any], biases: Sequence[torch.Tensor] | None, d
     """
     if biases is not None and len(biases) != len(weights):
         raise ValueError(f"make_linear: got {len(biases)} biases for {len(weights)} weights")
+    if any(is_quantized(w) for w in weights):  # GGUF blocks or int4/int8 weights: one quantized matmul
+        return make_quant_linear(list(weights), None if biases is None else list(biases), dtype, device)
     if not all(isinstance(w, torch.Tensor) and w.is_floating_point() for w in weights):
         kinds = sorted({type(w).__name__ if not isinstance(w, torch.Tensor) else str(w.dtype) for w in weights})
         raise ValueError(f"make_linear: unsupported weight type {kinds}; float tensors only "

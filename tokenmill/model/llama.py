@@ -18,6 +18,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.model.attention import AttentionBackend, AttentionMetadata, KVCache, TorchSDPABackend
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, make_linear
+from tokenmill.model.quant import dequantize, is_quantized
 
 # Tensors some checkpoints carry that the model recomputes or does not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -37,7 +38,9 @@ class _Weights:
         return self.tensors[name]
 
     def float(self, name: str) -> torch.Tensor:
-        return self.raw(name).to(device=self.device, dtype=self.dtype).contiguous()
+        t = self.raw(name)
+        t = dequantize(t) if is_quantized(t) else t  # e.g. a Q8_0 embedding table, gathered row by row
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     def linear(self, names: list[str], require_bias: bool = False) -> nn.Module:
         """One (fused) linear layer from the named weights, with their biases when the checkpoint has them
@@ -120,7 +123,10 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             if "lm_head.weight" in tensors:
                 weights.used.add("lm_head.weight")  # some tied checkpoints store a copy; the tie wins, as in HF
-            self.lm_head = None
+            embed = tensors["model.embed_tokens.weight"]
+            # A quantized tied embedding (GGUF Q8_0): the head, read whole every decode step, keeps the
+            # packed weight; the lookup above uses a float copy (only T rows of it are read per step).
+            self.lm_head = make_linear([embed], None, dtype, weights.device) if is_quantized(embed) else None
         else:
             self.lm_head = weights.linear(["lm_head.weight"])
         weights.check_all_used()

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.model.quant import keep_quantized_types, quantize_linear_weights
 from tokenmill.model.registry import build_model
-from tokenmill.model.source import load_checkpoint
+from tokenmill.model.source import load_checkpoint, resolve_model
 from tokenmill.model.tokenizer import Tokenizer
 
 
@@ -21,7 +22,13 @@ class LoadedModel:
 
 
 def load_model(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Read the checkpoint named by config.model and build the model in dtype on device."""
-    checkpoint = load_checkpoint(config.model, dtype)
-    model = build_model(checkpoint.config, checkpoint.tensors, dtype, device)
+    """Read the checkpoint named by config.model and build the model in dtype on device.
+
+    ``config.quantization``: auto keeps GGUF Q4_0/Q4_1/Q8_0 weights packed (int4 / int8 kernels);
+    int4 | int8 also quantize the float projection weights on load; none dequantizes everything.
+    """
+    keep = keep_quantized_types(config.quantization, resolve_model(config.model)[1])
+    checkpoint = load_checkpoint(config.model, dtype, keep_quantized=keep)
+    tensors = quantize_linear_weights(checkpoint.tensors, config.quantization)
+    model = build_model(checkpoint.config, tensors, dtype, device)
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, checkpoint.name)

@@ -71,17 +71,15 @@ class Int8Weight:
         """The float32 weight [N, K] this stands for."""
         return self.q.float() * self.scale.repeat_interleave(GROUP_SIZE, dim=1)
 
-    def to_int4_halves(self) -> Int4Weight:
-        """The exact ``[2N, K]`` int4 form: rows ``:N`` hold ``16*d*hi``, rows ``N:`` hold ``d*lo``."""
+    def split(self) -> tuple[Int4Weight, Int4Weight]:
+        """The exact int4 pair (hi, lo): hi has scale 16*d and q = hi + 8, lo has scale d and q = lo,
+        so that hi.dequantize() + lo.dequantize() == self.dequantize() (``q = 16 * hi + lo``)."""
         q = self.q.to(torch.int16)
         hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
         lo = q - 16 * hi  # 0..15
         zeros = torch.zeros_like(self.scale)
-        return Int4Weight(
-            q=torch.cat([hi + 8, lo]).to(torch.uint8),
-            scale=torch.cat([16 * self.scale, self.scale]),
-            zero=torch.cat([zeros, 8 * self.scale]),
-        )
+        return (Int4Weight(q=(hi + 8).to(torch.uint8), scale=16 * self.scale, zero=zeros),
+                Int4Weight(q=lo.to(torch.uint8), scale=self.scale, zero=8 * self.scale))
 
 
 QuantWeight = Int4Weight | Int8Weight
@@ -155,18 +153,6 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q=q.to(torch.int8).reshape(w.shape), scale=scale)
 
 
-def concat(weights: list[QuantWeight]) -> QuantWeight:
-    """Stack weights of one format along the output dim (fusing q/k/v or gate/up into one layer)."""
-    kinds = {type(w) for w in weights}
-    if len(kinds) != 1 or len({w.shape[1] for w in weights}) != 1:
-        raise ValueError("concat needs weights of one format and one in_features, got "
-                         f"{[(type(w).__name__, w.shape) for w in weights]}")
-    if isinstance(weights[0], Int8Weight):
-        return Int8Weight(q=torch.cat([w.q for w in weights]), scale=torch.cat([w.scale for w in weights]))
-    return Int4Weight(q=torch.cat([w.q for w in weights]), scale=torch.cat([w.scale for w in weights]),
-                      zero=torch.cat([w.zero for w in weights]))
-
-
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Codes uint8 [N, K] -> the device's packed int4 layout for ``_weight_int4pack_mm*``."""
     if device.type == "cpu":
@@ -183,34 +169,114 @@ def pick_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+
+
+def is_quantized(w: object) -> bool:
+    """True for a weight this module turns into a QuantLinear (GGUF raw blocks or Int4/Int8Weight)."""
+    return isinstance(w, Int4Weight | Int8Weight) or _is_raw_gguf(w)
+
+
+def _is_raw_gguf(w: object) -> bool:
+    # tokenmill.model.gguf.RawQuantTensor, matched by its fields to keep this module import-free of it
+    return all(hasattr(w, a) for a in ("ggml_type", "data", "shape")) and not isinstance(w, torch.Tensor)
+
+
+def as_quant_weight(w: object) -> QuantWeight:
+    """Int4Weight | Int8Weight for a GGUF RawQuantTensor, an Int4/Int8Weight, or a float tensor (int8)."""
+    if isinstance(w, Int4Weight | Int8Weight):
+        return w
+    if _is_raw_gguf(w):
+        return from_gguf(int(w.ggml_type), w.data, tuple(w.shape))
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2:
+        # a float part fused with quantized ones (e.g. a Q6_K v_proj next to Q4 q/k): int8 per group
+        # of 32 keeps it within ~0.4% of its value and lets the fused layer stay one kernel call
+        return quantize_int8(w)
+    raise ValueError(f"cannot quantize a weight of type {type(w).__name__}")
+
+
+def dequantize(w: object) -> torch.Tensor:
+    """Float32 [N, K] value of any weight ``as_quant_weight`` accepts (float tensors pass through)."""
+    if isinstance(w, torch.Tensor):
+        return w.float()
+    return as_quant_weight(w).dequantize()
+
+
+def _int4_rows(parts: list[QuantWeight]) -> tuple[Int4Weight, Int4Weight | None, torch.Tensor | None]:
+    """Fuse parts along the output dim into int4 rows for one kernel call.
+
+    Returns (main [N, K], lo [M, K] or None, lo_cols [M] or None): output column j is main's row j,
+    plus lo's row i where lo_cols[i] == j (the low nibbles of int8 parts).
+    """
+    mains, los, lo_cols, offset = [], [], [], 0
+    for w in parts:
+        if isinstance(w, Int8Weight):
+            hi, lo = w.split()
+            mains.append(hi)
+            los.append(lo)
+            lo_cols.append(torch.arange(offset, offset + w.shape[0]))
+        else:
+            mains.append(w)
+        offset += w.shape[0]
+
+    def cat(ws: list[Int4Weight]) -> Int4Weight:
+        return Int4Weight(*(torch.cat([getattr(w, f) for w in ws]) for f in ("q", "scale", "zero")))
+
+    if not los:
+        return cat(mains), None, None
+    return cat(mains), cat(los), torch.cat(lo_cols)
+
+
+def _scales_and_zeros(w: Int4Weight) -> torch.Tensor:
+    """[N, G] scale and zero -> the kernels' [G, N, 2] layout."""
+    return torch.stack([w.scale, w.zero], dim=-1).transpose(0, 1).contiguous()
+
+
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` kept as int4 (or int8 as two int4 halves), never dequantized.
+    """``y = x @ W.T + b`` with W kept as int4 (int8 as two int4 nibbles), never dequantized.
 
     Args:
-        weight: an ``Int4Weight`` or ``Int8Weight`` of shape [out_features, in_features].
-        bias: optional float [out_features].
+        parts: weights [out_i, in] that share the input (q/k/v or gate/up), fused along the output
+            dim: Int4Weight, Int8Weight, GGUF RawQuantTensor, or float (quantized to int8).
+        bias: optional float [sum(out_i)].
         device: where the packed weight lives (selects the CPU or CUDA kernel).
         compute_dtype: activation dtype inside the kernel; default ``pick_compute_dtype(device)``.
     """
 
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None,
+    def __init__(self, parts: list[object], bias: torch.Tensor | None = None,
                  device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         device = torch.device(device)
-        self.out_features, self.in_features = weight.shape
+        weights = [as_quant_weight(p) for p in parts]
+        if len({w.shape[1] for w in weights}) != 1:
+            raise ValueError(f"fused parts must share in_features, got shapes {[w.shape for w in weights]}")
+        self.in_features = weights[0].shape[1]
+        self.out_features = sum(w.shape[0] for w in weights)
         if self.in_features % GROUP_SIZE:
             raise ValueError(f"in_features must be a multiple of {GROUP_SIZE}, got {self.in_features}")
-        self.kind = "int8" if isinstance(weight, Int8Weight) else "int4"
         self.compute_dtype = compute_dtype or pick_compute_dtype(device)
-        w4 = weight.to_int4_halves() if isinstance(weight, Int8Weight) else weight
-        # scales_and_zeros: [K // 32, N', 2] with N' = N (int4) or 2N (int8 halves)
-        sz = torch.stack([w4.scale, w4.zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("packed", _pack_int4(w4.q, device))
-        self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=self.compute_dtype))
+        self.kinds = [("int8" if isinstance(w, Int8Weight) else "int4", w.shape[0]) for w in weights]
+        main, lo, lo_cols = _int4_rows(weights)
+        self.num_lo = 0 if lo is None else lo.shape[0]
+        # [N + M (+ pad), K]: one kernel call computes both nibbles' products; the packing wants a
+        # multiple of 16 rows, so zero rows pad the end (their outputs are never read)
+        pad = -(self.out_features + self.num_lo) % 16
+        tail = [lo] if lo is not None else []
+        if pad:
+            tail.append(Int4Weight(q=torch.full((pad, self.in_features), 8, dtype=torch.uint8),
+                                   scale=torch.zeros(pad, main.scale.shape[1]),
+                                   zero=torch.zeros(pad, main.scale.shape[1])))
+        if tail:
+            main = Int4Weight(*(torch.cat([getattr(w, f) for w in [main, *tail]]) for f in ("q", "scale", "zero")))
+        # every column has a low-nibble row, in order (all parts int8): a slice-add, no index
+        self.all_int8 = lo_cols is not None and len(lo_cols) == self.out_features
+        self.register_buffer("packed", _pack_int4(main.q, device))
+        self.register_buffer("scales_and_zeros",
+                             _scales_and_zeros(main).to(device=device, dtype=self.compute_dtype))
+        self.register_buffer("lo_cols", None if lo_cols is None or self.all_int8 else lo_cols.to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().to(device))
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) would cast the scales to a dtype the kernel may not accept: keep them.
+        # Module.to(dtype) would cast the scales to a dtype the kernel was not set up for: keep theirs.
         dtype = self.scales_and_zeros.dtype
         out = super()._apply(fn, recurse)
         self.scales_and_zeros = self.scales_and_zeros.to(dtype)
@@ -218,24 +284,63 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        lead, n = x.shape[:-1], self.out_features
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # [M, K]
         if self.packed.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
-        if self.kind == "int8":  # y: [M, 2N] = [16*d*hi part | d*lo part]
-            y = y[:, :self.out_features] + y[:, self.out_features:]
+        # y: [M, N + lo rows + pad]; add each int8 column's low-nibble product to its high-nibble one
+        if self.all_int8:
+            y = y[:, :n] + y[:, n:2 * n]
+        elif self.lo_cols is not None:
+            y = y[:, :n].index_add(1, self.lo_cols, y[:, n:n + self.num_lo])
+        else:
+            y = y[:, :n]
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, n)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, parts={self.kinds}, "
                 f"group_size={GROUP_SIZE}, compute_dtype={self.compute_dtype}")
 
     def weight_bytes(self) -> int:
-        """Bytes this layer keeps in memory for its weight (packed codes + scales/zeros)."""
-        return self.packed.numel() * self.packed.element_size() + \
-            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+        """Bytes this layer keeps for its weight: packed codes plus scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
+
+def make_quant_linear(weights: list[object], biases: list[torch.Tensor] | None, dtype: torch.dtype,
+                      device: torch.device) -> QuantLinear:
+    """``layers.make_linear``'s quantized branch: fuse ``weights`` into one QuantLinear; biases in dtype."""
+    bias = None if biases is None else torch.cat([b.to(device=device, dtype=dtype) for b in biases])
+    return QuantLinear(list(weights), bias, device)
+
+
+def keep_quantized_types(mode: str, model_format: str) -> frozenset[int]:
+    """GGML types the loader should hand over raw for ``EngineConfig.quantization`` ``mode``."""
+    if mode == "none" or model_format != "gguf":
+        return frozenset()
+    return SUPPORTED_GGML_TYPES  # auto, int4, int8: GGUF Q4_0/Q4_1/Q8_0 convert losslessly
+
+
+# Projections that int4/int8 mode quantizes; the embedding and lm_head stay as loaded (quality).
+_LINEAR_SUFFIXES = tuple(f"{p}_proj.weight" for p in ("q", "k", "v", "o", "gate", "up", "down"))
+
+
+def quantize_linear_weights(tensors: dict[str, object], mode: str) -> dict[str, object]:
+    """For ``mode`` int4 | int8: the projection weights still in float, quantized (groups of 32).
+
+    Weights already quantized (GGUF blocks) and weights whose in_features is not a multiple of 32
+    are left as they are; ``auto`` and ``none`` return ``tensors`` unchanged.
+    """
+    if mode not in ("int4", "int8"):
+        return tensors
+    quantize = quantize_int4 if mode == "int4" else quantize_int8
+    out = dict(tensors)
+    for name, w in tensors.items():
+        if (name.endswith(_LINEAR_SUFFIXES) and isinstance(w, torch.Tensor) and w.dim() == 2
+                and w.shape[1] % GROUP_SIZE == 0):
+            out[name] = quantize(w)
+    return out
