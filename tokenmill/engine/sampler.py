@@ -353,7 +353,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [B, V] (float32) -> the next token of every row and its raw logprob."""
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1)  # [B, V], the distribution reported to users
+        # Raw logprob = logit - logsumexp: a reduction, no [B, V] log_softmax written.
+        log_norm = logits.logsumexp(dim=-1)  # [B]
         final = None  # logits after all controls, when some row samples
         if batch.all_greedy:
             processed = apply_penalties(logits, batch) if batch.needs_processing else logits
@@ -364,25 +365,30 @@ class Sampler:
             token_ids = sample(final, batch.generators, batch.greedy_rows)
             if any(batch.greedy_rows):
                 token_ids = torch.where(batch.greedy, processed.argmax(dim=-1), token_ids)
-        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        chosen_logit = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
+        chosen = chosen_logit - log_norm
         # One transfer for both: token ids (< 2**53) are exact in float64.
         ids_cpu, lps_cpu = torch.stack([token_ids.double(), chosen.double()]).tolist()
         out = SamplerOutput([int(t) for t in ids_cpu], lps_cpu, None, None, None)
         if any(k is not None for k in batch.logprobs_k):
-            out.top_logprobs, out.ranks = _raw_top(raw_logprobs, token_ids, chosen, batch.logprobs_k)
+            out.top_logprobs, out.ranks = _raw_top(logits, log_norm, chosen_logit, batch.logprobs_k)
         if any(k for k in batch.processed_k):
             out.processed_top = _processed_top(final, token_ids, batch)
         return out
 
 
-def _raw_top(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, chosen: torch.Tensor,
+def _raw_top(logits: torch.Tensor, log_norm: torch.Tensor, chosen_logit: torch.Tensor,
              ks: list[int | None]) -> tuple[list[dict[int, float]], list[int]]:
-    """Per row its k best raw alternatives, and the rank of the chosen token (1 = most likely)."""
-    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1  # [B]
+    """Per row its k best raw alternatives, and the rank of the chosen token (1 = most likely).
+
+    logits [B, V] raw, log_norm [B] their logsumexp, chosen_logit [B].
+    """
+    ranks = (logits > chosen_logit.unsqueeze(1)).sum(dim=-1) + 1  # [B]
     max_k = max(k or 0 for k in ks)
     if max_k == 0:
         return [{} for _ in ks], ranks.tolist()
-    values, ids = raw_logprobs.topk(max_k, dim=-1)  # [B, max_k]
+    values, ids = logits.topk(max_k, dim=-1)  # [B, max_k]
+    values = values - log_norm.unsqueeze(1)
     values_l, ids_l = values.tolist(), ids.tolist()
     tops = [dict(zip(ids_l[i][:k or 0], values_l[i][:k or 0], strict=True)) for i, k in enumerate(ks)]
     return tops, ranks.tolist()
