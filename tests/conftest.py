@@ -54,18 +54,18 @@ def _save_tiny_model(folder: Path, arch: str, tie: bool, bias: bool, vocab_size:
     import transformers  # test-only dependency, imported where needed
 
     kwargs = {**TINY_DIMS, "vocab_size": vocab_size, "tie_word_embeddings": tie,
-              "bos_token_id": 1, "eos_token_id": 2, **overrides}
+              "bos_token_id": 1, "eos_token_id": 2}
     if arch == "llama":
-        config = transformers.LlamaConfig(attention_bias=bias, **kwargs)
+        config = transformers.LlamaConfig(**{"attention_bias": bias, **kwargs, **overrides})
         model_cls = transformers.LlamaForCausalLM
     elif arch == "qwen2":  # Qwen2 always has q/k/v biases
-        config = transformers.Qwen2Config(**kwargs)
+        config = transformers.Qwen2Config(**{**kwargs, **overrides})
         model_cls = transformers.Qwen2ForCausalLM
     else:
         raise ValueError(f"tiny_hf_model: arch must be 'llama' or 'qwen2', got {arch!r}")
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    if bias or arch == "qwen2":  # HF initializes biases to zero; make them matter in comparisons
+    if getattr(config, "attention_bias", True):  # HF initializes biases to zero; make them matter
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):

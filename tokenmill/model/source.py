@@ -135,24 +135,29 @@ def load_checkpoint(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float
     return Checkpoint(name=name, path=path, format=fmt, config=config, tensors=tensors, tokenizer=tokenizer)
 
 
-def expected_tensor_names(config: ModelConfig) -> set[str]:
-    """The Hugging Face parameter names a Llama-family model of ``config`` needs."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
+def expected_tensor_names(config: ModelConfig) -> tuple[set[str], set[str]]:
+    """(required, optional) Hugging Face parameter names of a Llama-family model of ``config``.
+
+    Optional: the o_proj and MLP biases that Llama's attention_bias / mlp_bias add.
+    """
+    required = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
-                 *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
-                 *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))]
+        required.add("lm_head.weight")
+    linears = [*(f"self_attn.{p}_proj" for p in "qkvo"), *(f"mlp.{p}_proj" for p in ("gate", "up", "down"))]
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", *(f"{n}.weight" for n in linears)]
+    qkv_bias = [f"self_attn.{p}_proj.bias" for p in "qkv"]
     if config.attention_bias:
-        per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-    names.update(f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in per_layer)
-    return names
+        per_layer += qkv_bias
+    optional_per_layer = [f"{n}.bias" for n in linears if f"{n}.bias" not in per_layer]
+    layers = range(config.num_hidden_layers)
+    required.update(f"model.layers.{i}.{p}" for i in layers for p in per_layer)
+    return required, {f"model.layers.{i}.{p}" for i in layers for p in optional_per_layer}
 
 
 def check_tensor_names(config: ModelConfig, tensors: dict[str, object], path: str) -> None:
     """ValueError when the checkpoint lacks a needed tensor or carries one the model cannot use."""
-    expected = expected_tensor_names(config)
-    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    required, optional = expected_tensor_names(config)
+    missing, unexpected = sorted(required - tensors.keys()), sorted(tensors.keys() - required - optional)
     if missing:
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
