@@ -14,7 +14,7 @@ uses (never the whole cache): per decode step and layer that is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -52,6 +52,22 @@ class AttentionMetadata:
     decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = attend
     prefills: list[PrefillSlice]
+    # tensors derived from the above on first use and then shared by every layer of the step
+    _derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def decode_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """[Bd * Hkv * Kmax] rows of a layer's cache seen as [num_slots * Hkv, D], in [Bd, Hkv, Kmax] order."""
+        if "rows" not in self._derived:
+            idx = self.decode_gather_index  # [Bd, Kmax]
+            heads = torch.arange(num_kv_heads, device=idx.device)
+            self._derived["rows"] = (idx[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
+        return self._derived["rows"]
+
+    def decode_masked_out(self) -> torch.Tensor:
+        """[Bd, 1, 1, Kmax] bool, True = padding that no query may attend."""
+        if "masked_out" not in self._derived:
+            self._derived["masked_out"] = ~self.decode_mask
+        return self._derived["masked_out"]
 
     @staticmethod
     def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str) -> AttentionMetadata:
@@ -124,8 +140,10 @@ class TorchSDPABackend:
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-        out = torch.empty_like(q)
         nd = meta.num_decode_tokens
+        if not meta.prefills:  # all decodes: no output buffer to fill piecewise
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
         for p in meta.prefills:
@@ -143,14 +161,13 @@ class TorchSDPABackend:
         # batches for the matmuls) by selecting rows of the cache seen as [num_slots * Hkv, D];
         # index_select copies whole rows, ~10x faster on CPU than advanced indexing.
         kmax = meta.decode_gather_index.shape[1]
-        heads = torch.arange(hkv, device=q.device)
-        rows = (meta.decode_gather_index[:, None, :] * hkv + heads[None, :, None]).view(-1)  # [Bd*Hkv*Kmax]
+        rows = meta.decode_rows(hkv)  # [Bd * Hkv * Kmax]
         keys = k_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
         values = v_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
         # GQA: the G = H / Hkv query heads of a group share their K/V head, no repeat needed
         qg = (q * scale).reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Bd, Hkv, G, Kmax]
-        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))  # mask [Bd, 1, 1, Kmax]
+        scores = scores.masked_fill(meta.decode_masked_out(), float("-inf"))  # [Bd, 1, 1, Kmax]
         probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, values).reshape(bd, h, d)  # [Bd, H, D]
 

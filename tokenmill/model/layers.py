@@ -84,7 +84,7 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, Hugging Face "rotate_half" layout (the two halves of a head pair up).
 
-    cos/sin are computed once for every position up to ``max_positions`` ([P, D/2] each, in the
+    cos/sin are computed once for every position up to ``max_positions`` ([P, D] each, in the
     model dtype) and gathered by position at each step; ``lookup`` runs once per forward and
     ``apply`` once per layer.
 
@@ -116,18 +116,21 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, inv_freq)  # [P, D/2]
         if rope_type == "dynamic":
             _dynamic_angles_(angles, head_dim, base, factor, max_position_embeddings)
-        self.register_buffer("cos", angles.cos().to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("sin", angles.sin().to(device=device, dtype=dtype), persistent=False)
+        # Full-width tables [P, D]: cos = (c, c), sin = (-s, s), so that with x's halves swapped,
+        # x * cos + swap(x) * sin = (x1 c - x2 s, x2 c + x1 s) in 3 ops, the reference's exact arithmetic.
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), -1).to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), -1).to(device=device, dtype=dtype), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, D/2], ready to broadcast over heads."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        """positions [T] -> (cos, sin), each [T, 1, D], ready to broadcast over heads."""
+        return self.cos.index_select(0, positions)[:, None, :], self.sin.index_select(0, positions)[:, None, :]
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, D] by the angles of its tokens' positions; returns a new tensor."""
-        x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D/2] each
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1): [T, heads, D]
+        return x * cos + swapped * sin
 
 
 def _rope_type(rope_scaling: dict[str, Any] | None) -> tuple[str, float]:

@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches: expected {len(self.layers)} layers, got {len(kv_caches)}")
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
-        cos, sin = self.rotary.lookup(positions)  # [T, 1, D/2] each, shared by all layers
+        cos, sin = self.rotary.lookup(positions)  # [T, 1, D] each, shared by all layers
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
