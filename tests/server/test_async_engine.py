@@ -1,0 +1,98 @@
+"""AsyncEngine on the real engine: streams, aborts, a failing request, an idle loop that sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from tokenmill.engine.async_engine import RequestFailedError
+from tokenmill.sampling_params import SamplingParams
+
+POISON_SEED = 424242
+
+
+def _ids(server, text: str = "The capital of France is") -> list[int]:
+    return server.engine.engine.tokenizer.encode(text)
+
+
+def test_abort_from_a_coroutine_ends_the_stream_and_frees_blocks(server):
+    engine = server.engine
+
+    async def main() -> list:
+        stream = await engine.add_request(_ids(server), SamplingParams(max_tokens=200, ignore_eos=True))
+        outputs = []
+        async for out in stream:
+            outputs.append(out)
+            if len(outputs) == 2:
+                engine.abort(stream.request_id)
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
+    assert len(outputs[-1].outputs[0].token_ids) < 200
+    assert server.wait_until(lambda: engine.engine.stats().kv_blocks_used == 0, timeout=30)
+
+
+def test_rejected_request_raises_value_error(server):
+    async def main() -> None:
+        await server.engine.add_request(_ids(server) * 200, SamplingParams(max_tokens=5))
+
+    with pytest.raises(ValueError, match="512"):
+        asyncio.run(main())
+
+
+def test_a_request_that_breaks_the_engine_fails_alone(server, monkeypatch):
+    llm = server.engine.engine
+    real_add, real_step = llm.add_request, llm.step
+    poisoned: set[str] = set()
+
+    def add_request(ids, params, request_id=None, **kwargs):
+        request_id = real_add(ids, params, request_id=request_id, **kwargs)
+        if params.seed == POISON_SEED:
+            poisoned.add(request_id)
+        return request_id
+
+    def step():
+        if poisoned:  # the step right after the poisoned request arrives raises, like a bug would
+            poisoned.clear()
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(llm, "add_request", add_request)
+    monkeypatch.setattr(llm, "step", step)
+    errors_before = server.metrics()['tokenmill_requests_total{finish_reason="error"}']
+
+    async def main() -> list:
+        good = await server.engine.add_request(_ids(server), SamplingParams(max_tokens=8, ignore_eos=True))
+        good_outputs = [await anext(aiter(good))]  # the good request is running
+        bad = await server.engine.add_request(_ids(server), SamplingParams(max_tokens=3, seed=POISON_SEED))
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for _ in bad:
+                pass
+        good_outputs += [out async for out in good]
+        return good_outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished
+    assert outputs[-1].outputs[0].finish_reason == "length"
+    assert len(outputs[-1].outputs[0].token_ids) == 8
+    assert server.metrics()['tokenmill_requests_total{finish_reason="error"}'] == errors_before + 1
+
+
+def test_idle_loop_thread_sleeps(server):
+    thread = server.engine._thread
+    assert server.wait_until(lambda: not server.engine.engine.has_unfinished(), timeout=60)
+    time.sleep(0.2)
+
+    def cpu_ticks() -> int:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+    before = cpu_ticks()
+    time.sleep(1.0)
+    assert cpu_ticks() - before <= 2, "the engine thread busy-loops while idle"
+    assert os.sysconf("SC_CLK_TCK") >= 100
