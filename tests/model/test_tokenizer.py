@@ -184,3 +184,16 @@ def test_gguf_bos_post_processor(ours):
     with_bos = Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>")
     assert with_bos.encode("hi") == [1, *ours.encode("hi")]
     assert with_bos.encode("hi", add_special_tokens=False) == ours.encode("hi")
+
+
+def test_golden_prompts_tokenize_like_transformers(ours):
+    """The golden greedy data's prompt ids (from transformers) are what our tokenizer gives."""
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parents[1] / "data" / "golden_greedy.json").read_text())
+    for case in golden["cases"]:
+        if "chat" in case:
+            assert ours.apply_chat_template(case["chat"]) == case["prompt"]
+            assert ours.apply_chat_template(case["chat"], tokenize=True) == case["prompt_token_ids"]
+        assert ours.encode(case["prompt"]) == case["prompt_token_ids"]
