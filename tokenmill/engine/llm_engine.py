@@ -75,7 +75,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = load_model(config, self.dtype, self.device)
         self.model_config, self.tokenizer, self.model_name = loaded.config, loaded.tokenizer, loaded.name
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = self._max_model_len(config, loaded.model)
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         num_blocks = num_blocks_for_budget(self.model_config, config.block_size, self.dtype, self.device,
                                            config.kv_cache_memory_gb)
@@ -97,6 +97,12 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._last_prefill = self._last_decode = 0
+
+    def _max_model_len(self, config: EngineConfig, model: torch.nn.Module) -> int:
+        limit = min(self.model_config.max_position_embeddings, getattr(model, "max_positions", 1 << 30))
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context length ({limit})")
+        return config.max_model_len or limit
 
     # ---- public API -------------------------------------------------------------------------
 
