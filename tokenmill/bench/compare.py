@@ -30,9 +30,11 @@ def require_transformers() -> Any:
     return transformers
 
 
-def load_transformers_model(model: str, dtype: torch.dtype, device: torch.device) -> Any:
+def load_transformers_model(model: str, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Any:
     """The engine's model (alias, .gguf file or HF folder) as a transformers causal LM in ``dtype``."""
     transformers = require_transformers()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     from tokenmill.model.source import resolve_model
 
     path, fmt = resolve_model(model)

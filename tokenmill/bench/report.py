@@ -69,10 +69,11 @@ def format_table(result: BenchResult, other: BenchResult | None = None) -> str:
     other_rows = {name: (value, text) for name, value, text in _rows(other)}
     width = max(len(r[0]) for r in rows)
     ratio_head = f"{result.backend}/{other.backend}"
-    lines.append(f"{'metric':<{width}}  {result.backend:>12}  {other.backend:>12}  {ratio_head:>8}")
+    rw = len(ratio_head)
+    lines.append(f"{'metric':<{width}}  {result.backend:>12}  {other.backend:>12}  {ratio_head:>{rw}}")
     for name, value, text in rows:
         o_value, o_text = other_rows.get(name, (None, "-"))
-        lines.append(f"{name:<{width}}  {text:>12}  {o_text:>12}  {_ratio(value, o_value):>8}")
+        lines.append(f"{name:<{width}}  {text:>12}  {o_text:>12}  {_ratio(value, o_value):>{rw}}")
     return "\n".join(lines)
 
 
