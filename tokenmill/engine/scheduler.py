@@ -77,8 +77,10 @@ class Scheduler:
                 if budget <= 0 or num_seqs >= self.max_num_seqs:
                     break
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if n <= 0 or not self._allocate_or_preempt(request, seq, n, out):
+                if n <= 0:
                     continue
+                if not self._allocate_or_preempt(request, seq, n, out):
+                    break  # the request itself was preempted: its other sequences (beams, samples) wait too
                 out.scheduled.append(ScheduledSeq(request, seq, n))
                 budget -= n
                 num_seqs += 1
