@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 512  # small vocabulary: fewer near-ties between candidates than with 49152 random logits
 PROMPTS = [[5, 17, 99, 300, 42], [7, 7, 120, 260, 33, 480, 11, 9, 64]]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 GOLDEN = Path(__file__).parent.parent / "data" / "beam_golden_smollm2.json"
 
 # (num_beams, n, length_penalty, early_stopping, max_tokens)
@@ -178,6 +179,20 @@ def test_beams_computed_in_different_steps_give_the_same_result(eos_likely):
     out = llm.generate([PROMPTS[1]], SamplingParams(num_beams=4, n=3, max_tokens=10), use_tqdm=False)[0]
     assert_same_as_hf(out, hf_beam_search(hf, PROMPTS[1], eos_ids, 4, 3, 1.0, False, 10), eos_ids)
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_preempted_beams_give_the_same_result(plain):
+    """A cache of 16 blocks: beam requests are preempted (all beams at once) and recomputed."""
+    llm, _ = plain
+    prompts = [[(11 * i + 3 * k) % 500 + 3 for k in range(20 + i)] for i in range(5)]
+    params = [SamplingParams(num_beams=4, n=2, max_tokens=20)] * 2 + [GREEDY] * 3
+    block_bytes = llm.engine.block_manager.block_size * 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 kv heads, dim 16
+    small = make_llm(Path(llm.engine.config.model), kv_cache_memory_gb=16 * block_bytes / 2**30)
+    assert small.engine.block_manager.num_blocks == 16
+    expected = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert [[c.token_ids for c in o.outputs] for o in small.generate(prompts, params, use_tqdm=False)] == expected
+    assert small.engine.scheduler.num_preemptions_total > 0
+    assert small.engine.block_manager.num_used_blocks == 0
 
 
 def test_golden_default_model(default_model_path):

@@ -101,7 +101,7 @@ class BeamSearch:
         if group is None:
             group = request.beam_state = BeamGroup(request.params.num_beams)
         for seq, row in seq_rows:
-            group.pending[seq.seq_id] = logits[row]
+            group.pending[seq.seq_id] = logits[row].clone()  # the runner may reuse its logits buffer
         beams = request.live_seqs  # best first: _update_beams keeps them in rank order
         if any(s.seq_id not in group.pending for s in beams):
             return False
