@@ -197,3 +197,37 @@ def test_golden_prompts_tokenize_like_transformers(ours):
             assert ours.apply_chat_template(case["chat"]) == case["prompt"]
             assert ours.apply_chat_template(case["chat"], tokenize=True) == case["prompt_token_ids"]
         assert ours.encode(case["prompt"]) == case["prompt_token_ids"]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_split_pre_tokenizers_follow_their_regex(pre):
+    """Llama 3 / Qwen2 GGUFs: pieces are exactly the regex matches (byte-level mapped), nothing re-split."""
+    import regex
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from tokenmill.model.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
+
+    pattern = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+    byte_map = ByteLevel.alphabet()  # the 256 printable stand-ins, in byte order below
+    table = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
+    assert set(table.values()) == set(byte_map)
+    text = "I'll pay 12345 dollars!!  Ok?\n\n  日本語 café\t\tx = [1, 22];"
+    pieces = [p for p, _ in _pre_tokenizer(pre).pre_tokenize_str(text)]
+    expected = ["".join(table[b] for b in m.encode()) for m in regex.findall(pattern, text)]
+    assert pieces == expected
+    digits = [p for p in pieces if p.isdigit()]
+    assert digits == (["123", "45", "1", "22"] if pre == "llama-bpe" else list("12345122"))
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves,
+    # the rest to 256, 257, ... in byte order
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
