@@ -133,3 +133,13 @@ def test_logprobs_rank_the_chosen_token_and_the_alternatives(tiny_path):
         assert [lp.rank for lp in by_rank] == [1, 2, 3]
         assert all(a.logprob >= b.logprob for a, b in zip(by_rank, by_rank[1:]))
     assert c.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(c.token_ids, c.logprobs)))
+
+
+def test_seeded_n_samples_do_not_depend_on_the_batch(tiny_path):
+    llm = make_llm(tiny_path, max_num_seqs=5)
+    target = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=106, ignore_eos=True)
+    alone = llm.generate(prompts_of_lengths([12]), target, use_tqdm=False)[0]
+    others = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)
+    crowd = llm.generate(prompts_of_lengths([5, 9, 12, 7]), [others, others, target, others], use_tqdm=False)[2]
+    assert token_lists([alone]) == token_lists([crowd])
+    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in crowd.outputs]

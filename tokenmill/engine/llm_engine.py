@@ -113,9 +113,8 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         request = Request(request_id, list(prompt_token_ids), params, prompt=prompt,
                           arrival_time=arrival_time or time.perf_counter())
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
+        request.seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        generator = self._generator(request.seed)
         request.seqs.append(self._new_sequence(request, list(prompt_token_ids), generator))
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = []
@@ -297,10 +296,17 @@ class LLMEngine:
             m.num_token_steps += 1
         m.last_token_time = now
 
+    def _generator(self, seed: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return generator
+
     def _fork_samples(self, request: Request) -> None:
         parent = request.seqs[0]
-        for _ in range(request.params.n - 1):
-            child = self._new_sequence(request, list(parent.token_ids), parent.generator)
+        for index in range(1, request.params.n):
+            # each sample draws from its own stream, so which samples share a step never changes the result
+            generator = self._generator((request.seed + index * 0x9E3779B9) % (1 << 63))
+            child = self._new_sequence(request, list(parent.token_ids), generator)
             child.num_computed_tokens = parent.num_computed_tokens
             self.block_manager.fork(parent, child)
             request.seqs.append(child)

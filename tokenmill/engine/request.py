@@ -101,6 +101,7 @@ class Request:
     prompt_logits_chunks: list[torch.Tensor] = field(default_factory=list)  # until the prompt is done
     beam_state: Any = None  # engine.beam_search.BeamGroup for num_beams > 1
     num_preemptions: int = 0
+    seed: int = 0  # of the first sample's generator; sample i is seeded from it and i
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -162,3 +162,12 @@ def check_tensor_names(config: ModelConfig, tensors: dict[str, object], path: st
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
         raise ValueError(f"{path}: checkpoint has {len(unexpected)} unsupported tensors, e.g. {unexpected[:3]}")
+
+
+def load_tokenizer(model: str = DEFAULT_MODEL) -> Tokenizer:
+    """Only the tokenizer of ``model`` (no weights are read): for `tokenmill tokenize`."""
+    path, fmt = resolve_model(model)
+    if fmt == "gguf":
+        return tokenizer_from_gguf(read_gguf(path))
+    config = load_hf_config(path)
+    return Tokenizer.from_pretrained(path, eos_token_ids=config.eos_token_ids or None)
