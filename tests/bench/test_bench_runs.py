@@ -124,9 +124,9 @@ def test_serving_bench_against_our_server(server_url: str, capsys) -> None:
 
 
 def test_serving_bench_poisson_rate_and_server_errors(server_url: str) -> None:
-    from tokenmill.bench.main import _load_tokenizer
+    from tokenmill.model.source import load_tokenizer
 
-    prompts = synthetic_prompts(_load_tokenizer("smollm2-135m-instruct"), 3, 8, 2, seed=1)
+    prompts = synthetic_prompts(load_tokenizer("smollm2-135m-instruct"), 3, 8, 2, seed=1)
     result = asyncio.run(run_serving(server_url, prompts, request_rate=20.0, progress=False))
     assert (result.completed, result.total_output_tokens) == (3, 6)
     bad = asyncio.run(run_serving(server_url, prompts, model="no-such-model", progress=False))

@@ -123,22 +123,11 @@ def _run_offline(args: argparse.Namespace,
 
 def _run_serving(args: argparse.Namespace, levels: list[int | None]) -> list[BenchResult]:
     from tokenmill.bench.serving import run_serving
+    from tokenmill.model.source import load_tokenizer
 
-    prompts = build_prompts(args, _load_tokenizer(args.model))
+    prompts = build_prompts(args, load_tokenizer(args.model))
     return [asyncio.run(run_serving(args.url, prompts, model=args.served_model_name, concurrency=c,
                                     request_rate=args.request_rate, seed=args.seed, api_key=args.api_key,
                                     timeout_s=args.timeout, progress=not args.no_progress))
             for c in levels]
 
-
-def _load_tokenizer(model: str) -> Any:
-    """Only the tokenizer of ``model`` (the serving benchmark needs no weights in this process)."""
-    from tokenmill.model.source import resolve_model
-    from tokenmill.model.tokenizer import Tokenizer
-
-    path, fmt = resolve_model(model)
-    if fmt == "gguf":
-        from tokenmill.model.gguf import read_gguf, tokenizer_from_gguf
-
-        return tokenizer_from_gguf(read_gguf(path))
-    return Tokenizer.from_pretrained(path)
