@@ -21,7 +21,7 @@ from tokenmill.model.attention import KVCache
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_CACHE_FRACTION = 0.25  # of available memory, when --kv-cache-memory is not given
-DEFAULT_CACHE_CAP_BYTES = 2 << 30
+DEFAULT_CACHE_CAP_BYTES = 1 << 30  # ~23k tokens of the default model in float32
 DEFAULT_GPU_CACHE_FRACTION = 0.6  # of free GPU memory after the weights are loaded
 
 
