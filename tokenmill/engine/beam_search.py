@@ -101,9 +101,11 @@ class BeamSearch:
         if group is None:
             group = request.beam_state = BeamGroup(request.params.num_beams)
         for seq, row in seq_rows:
-            group.pending[seq.seq_id] = logits[row].clone()  # the runner may reuse its logits buffer
+            group.pending[seq.seq_id] = logits[row]
         beams = request.live_seqs  # best first: _update_beams keeps them in rank order
         if any(s.seq_id not in group.pending for s in beams):
+            for seq, _ in seq_rows:  # they wait past this step: copy them out of the runner's logits
+                group.pending[seq.seq_id] = group.pending[seq.seq_id].clone()
             return False
         rows = torch.stack([group.pending.pop(s.seq_id) for s in beams])  # [b, V]
         self._advance(request, group, beams, rows)
