@@ -143,3 +143,11 @@ def test_seeded_n_samples_do_not_depend_on_the_batch(tiny_path):
     crowd = llm.generate(prompts_of_lengths([5, 9, 12, 7]), [others, others, target, others], use_tqdm=False)[2]
     assert token_lists([alone]) == token_lists([crowd])
     assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in crowd.outputs]
+
+
+def test_request_whose_samples_cannot_all_fit_the_cache_is_rejected(tiny_path):
+    # 10 blocks of 16 tokens; 4 samples of 30 + 20 tokens need 4 blocks each once recomputed apart
+    small = make_llm(tiny_path, kv_cache_memory_gb=10 * 2 * 2 * 16 * 2 * 16 * 4 / 2**30)
+    with pytest.raises(ValueError, match=r"4 sequence\(s\) needs 16 KV blocks but the cache has only 10"):
+        small.generate(prompts_of_lengths([30]), SamplingParams(n=4, max_tokens=20), use_tqdm=False)
+    assert_no_blocks_in_use(small)

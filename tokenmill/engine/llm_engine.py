@@ -366,7 +366,10 @@ class LLMEngine:
             raise ValueError(
                 f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {needed} exceeds the "
                 f"context length of {limit} tokens")
-        blocks = self.block_manager.blocks_for(needed)
+        # After a preemption every sample / beam is recomputed on its own: all of them must fit at once.
+        streams = max(params.n, params.num_beams)
+        blocks = self.block_manager.blocks_for(needed) * streams
         if blocks > self.block_manager.num_blocks:
-            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) needs {blocks} "
-                             f"KV blocks but the cache has only {self.block_manager.num_blocks}")
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) for {streams} "
+                             f"sequence(s) needs {blocks} KV blocks but the cache has only "
+                             f"{self.block_manager.num_blocks}")
