@@ -98,7 +98,8 @@ def test_api_key_is_required_except_on_health_and_metrics(server, serve_app):
 
 def test_full_queue_answers_429(server, serve_app):
     limited = serve_app(create_app(server.engine, max_queue=3))
-    body = {"prompt": "Count to a hundred:", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    # long enough that no holder finishes (and frees a seat) between the check and the request below
+    body = {"prompt": "Count to a hundred:", "max_tokens": 450, "ignore_eos": True, "stream": True}
 
     async def main() -> None:
         release = asyncio.Event()
