@@ -61,7 +61,6 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # default: a fraction of free memory, capped
     seed: int = 0
     threads: int | None = None
-    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
