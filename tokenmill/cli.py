@@ -27,6 +27,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: the first steps compile (about a minute), then decode is faster")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -34,7 +36,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory, seed=args.seed, threads=args.threads)
+        kv_cache_memory_gb=args.kv_cache_memory, seed=args.seed, threads=args.threads, compile=args.compile)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,6 +61,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # default: a fraction of free memory, capped
     seed: int = 0
     threads: int | None = None
+    compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -151,3 +151,15 @@ def test_request_whose_samples_cannot_all_fit_the_cache_is_rejected(tiny_path):
     with pytest.raises(ValueError, match=r"4 sequence\(s\) needs 16 KV blocks but the cache has only 10"):
         small.generate(prompts_of_lengths([30]), SamplingParams(n=4, max_tokens=20), use_tqdm=False)
     assert_no_blocks_in_use(small)
+
+
+def test_compiled_decode_matches_eager(tiny_path):
+    prompts = prompts_of_lengths([5, 12, 9])
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    eager = make_llm(tiny_path).generate(prompts, params, use_tqdm=False)
+    compiled_llm = make_llm(tiny_path, compile=True)
+    compiled = compiled_llm.generate(prompts, params, use_tqdm=False)
+    assert token_lists(compiled) == token_lists(eager)
+    for a, b in zip(eager, compiled):
+        assert b.outputs[0].cumulative_logprob == pytest.approx(a.outputs[0].cumulative_logprob, abs=1e-4)
+    assert compiled_llm.engine.runner.decode_forward is not compiled_llm.engine.runner.model.forward

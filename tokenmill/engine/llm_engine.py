@@ -84,7 +84,7 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB", num_blocks, config.block_size,
                     num_blocks * config.block_size,
                     num_blocks * bytes_per_block(self.model_config, config.block_size, self.dtype) / 2**20)
-        self.runner = ModelRunner(loaded.model, cache, self.device)
+        self.runner = ModelRunner(loaded.model, cache, self.device, compile_decode=config.compile)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.beam_search = BeamSearch(self)
