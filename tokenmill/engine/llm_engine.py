@@ -97,12 +97,24 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._last_prefill = self._last_decode = 0
+        if config.compile:
+            self._warm_up_compiled_decode()
 
     def _max_model_len(self, config: EngineConfig, model: torch.nn.Module) -> int:
         limit = min(self.model_config.max_position_embeddings, getattr(model, "max_positions", 1 << 30))
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context length ({limit})")
         return config.max_model_len or limit
+
+    def _warm_up_compiled_decode(self) -> None:
+        """Compile the decode graphs now (one sequence, then several), not in the first user's request."""
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for batch in (1, 2):
+            for i in range(batch):
+                self.add_request([1 + i] * (8 + 3 * i), params, request_id=f"warmup-{batch}-{i}")
+            while self.has_unfinished():
+                self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
 
     # ---- public API -------------------------------------------------------------------------
 
