@@ -61,3 +61,12 @@ def test_non_model_file_is_a_clear_error(tmp_path):
     bogus.write_text("not a model")
     r = tokenmill("generate", "--model", str(bogus), "hi")
     assert r.returncode == 2 and "notes.gguf" in r.stderr
+
+
+def test_chat_keeps_the_conversation_and_ends_on_an_empty_line():
+    r = subprocess.run([sys.executable, "-m", "tokenmill", "chat", "--temperature", "0", "--max-tokens", "24"],
+                       input="What is the capital of France?\nAnd of Germany?\n\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Berlin" in r.stdout
+    assert r.stderr.count("TTFT") == 2
