@@ -179,6 +179,7 @@ class AsyncEngine:
                     self._record_stats()  # idle: publish the final gauges (KV usage back to 0)
                     self._cond.wait()
                 pending, self._pending = self._pending, []
+                self._num_waiting += len(pending)  # still waiting until the next stats say otherwise
                 aborts, self._aborts = self._aborts, []
                 stopping = self._stopping
             if stopping:

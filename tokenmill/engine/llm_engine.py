@@ -146,8 +146,10 @@ class LLMEngine:
             return bool(self._inbox or self._aborts or self.requests)
 
     def stats(self) -> EngineStats:
+        with self._lock:
+            num_new = len(self._inbox)  # added but not yet seen by the scheduler: waiting too
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting) + num_new,
             num_preemptions_total=self.scheduler.num_preemptions_total,
             kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
