@@ -23,13 +23,13 @@ def generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_as_json(final, params.logprobs is not None)))
         return 0
-    if not stream:
-        for c in final.outputs:
-            header = f"--- [{c.index}] " + (f"score {c.cumulative_logprob:.3f} " if params.use_beam_search else "")
-            print(header + "-" * 20 if len(final.outputs) > 1 or params.use_beam_search else "", end="")
-            print(("\n" if len(final.outputs) > 1 or params.use_beam_search else "") + c.text)
-    else:
+    if stream:
         print()
+    else:  # n > 1 or beam search: each sample under its own header
+        for c in final.outputs:
+            score = f"score {c.cumulative_logprob:.3f} " if params.use_beam_search else ""
+            print(f"--- [{c.index}] {score}" + "-" * 20)
+            print(c.text)
     print(_metrics_line(final), file=sys.stderr)
     return 0
 

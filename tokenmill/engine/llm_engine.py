@@ -320,14 +320,13 @@ class LLMEngine:
         for index in range(1, request.params.n):
             # each sample draws from its own stream, so which samples share a step never changes the result
             generator = self._generator((request.seed + index * 0x9E3779B9) % (1 << 63))
-            child = self._new_sequence(request, list(parent.token_ids), generator)
-            child.num_computed_tokens = parent.num_computed_tokens
-            self.block_manager.fork(parent, child)
-            request.seqs.append(child)
+            request.seqs.append(self.fork_sequence(request, parent, generator))
 
-    def fork_sequence(self, request: Request, parent: Sequence) -> Sequence:
-        """A new sequence sharing parent's tokens and KV blocks (used by beam search)."""
-        child = self._new_sequence(request, list(parent.token_ids), parent.generator)
+    def fork_sequence(self, request: Request, parent: Sequence,
+                      generator: torch.Generator | None = None) -> Sequence:
+        """A new sequence sharing parent's tokens and KV blocks (n samples, beams); parent's generator
+        unless another is given."""
+        child = self._new_sequence(request, list(parent.token_ids), generator or parent.generator)
         child.num_computed_tokens = parent.num_computed_tokens
         child.cumulative_logprob = parent.cumulative_logprob
         self.block_manager.fork(parent, child)

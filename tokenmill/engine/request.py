@@ -50,8 +50,6 @@ class Sequence:
     stop_reason: str | int | None = None
     text: str = ""  # text released to the client so far
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
-    # Set by the scheduler: how many tokens of this sequence the current step computes.
-    num_scheduled_tokens: int = 0
     # What changed since the last RequestOutput (reset when the engine reports it).
     delta_token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""
@@ -100,7 +98,6 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_logits_chunks: list[torch.Tensor] = field(default_factory=list)  # until the prompt is done
     beam_state: Any = None  # engine.beam_search.BeamGroup for num_beams > 1
-    num_preemptions: int = 0
     seed: int = 0  # of the first sample's generator; sample i is seeded from it and i
 
     def __post_init__(self) -> None:

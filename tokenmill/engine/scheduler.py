@@ -93,8 +93,6 @@ class Scheduler:
             num_seqs += len(added)
         # decodes first: the attention metadata expects single-token sequences at the front
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
-        for s in out.scheduled:
-            s.seq.num_scheduled_tokens = s.num_new_tokens
         return out
 
     def _admit(self, request: Request, budget: int, seq_room: int, out: SchedulerOutput) -> list[ScheduledSeq]:
@@ -139,7 +137,6 @@ class Scheduler:
         self.running.remove(request)
         self.waiting.appendleft(request)
         request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
         self.num_preemptions_total += 1
         if out is not None:
             out.preempted.append(request)

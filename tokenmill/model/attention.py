@@ -50,7 +50,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot where each new token's K/V is written
     num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
     decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = attend
+    decode_padding: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = padding no query may attend
     prefills: list[PrefillSlice]
     # tensors derived from the above on first use and then shared by every layer of the step
     _derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -62,12 +62,6 @@ class AttentionMetadata:
             heads = torch.arange(num_kv_heads, device=idx.device)
             self._derived["rows"] = (idx[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
         return self._derived["rows"]
-
-    def decode_masked_out(self) -> torch.Tensor:
-        """[Bd, 1, 1, Kmax] bool, True = padding that no query may attend."""
-        if "masked_out" not in self._derived:
-            self._derived["masked_out"] = ~self.decode_mask
-        return self._derived["masked_out"]
 
     @staticmethod
     def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str) -> AttentionMetadata:
@@ -85,12 +79,12 @@ class AttentionMetadata:
             else:
                 prefills.append(_prefill_slice(seq, seq_slots, offset, device))
             offset += seq.num_new_tokens
-        decode_gather, decode_mask = _decode_tensors(decode_contexts, device)
+        decode_gather, decode_padding = _decode_tensors(decode_contexts, device)
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(decode_contexts),
             decode_gather_index=decode_gather,
-            decode_mask=decode_mask,
+            decode_padding=decode_padding,
             prefills=prefills,
         )
 
@@ -119,8 +113,8 @@ def _decode_tensors(contexts: list[list[int]], device) -> tuple[torch.Tensor | N
     lens = torch.tensor([len(c) for c in contexts])
     for i, c in enumerate(contexts):
         gather[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-    mask = torch.arange(kmax)[None, :] < lens[:, None]  # [Bd, Kmax]
-    return gather.to(device), mask[:, None, None, :].to(device)
+    padding = torch.arange(kmax)[None, :] >= lens[:, None]  # [Bd, Kmax]
+    return gather.to(device), padding[:, None, None, :].to(device)
 
 
 class AttentionBackend(Protocol):
@@ -167,7 +161,7 @@ class TorchSDPABackend:
         # GQA: the G = H / Hkv query heads of a group share their K/V head, no repeat needed
         qg = (q * scale).reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Bd, Hkv, G, Kmax]
-        scores = scores.masked_fill(meta.decode_masked_out(), float("-inf"))  # [Bd, 1, 1, Kmax]
+        scores = scores.masked_fill(meta.decode_padding, float("-inf"))  # [Bd, 1, 1, Kmax]
         probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, values).reshape(bd, h, d)  # [Bd, H, D]
 
