@@ -70,6 +70,28 @@ def test_compare_transformers_sweep_and_plot(tiny_hf_model, tmp_path: Path, caps
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def run_shared_prefix(tiny_hf_model, capsys) -> dict:
+    """4 prompts of 32 shared + 8 own tokens through a tiny model, offline; the --json object."""
+    argv = ["bench", "--model", str(tiny_hf_model()), "--num-prompts", "4", "--shared-prefix-len", "32",
+            "--input-len", "8", "--output-len", "3", "--json", "--no-progress"]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_shared_prefix_run_reports_a_hit_rate(tiny_hf_model, capsys) -> None:
+    data = run_shared_prefix(tiny_hf_model, capsys)
+    check_result(data, 4, 32 + 8, 3)
+    assert isinstance(data["cached_input_tokens"], int)
+    assert 0 <= data["cached_input_tokens"] <= data["total_input_tokens"]
+    assert data["prefix_cache_hit_rate"] == pytest.approx(data["cached_input_tokens"] / (4 * 40))
+
+
+@pytest.mark.xfail(strict=False, reason="needs engine prefix caching")
+def test_shared_prefix_is_served_from_the_cache(tiny_hf_model, capsys) -> None:
+    # The warm-up request computes the 32 shared tokens (2 blocks of 16); every timed request reuses them.
+    assert run_shared_prefix(tiny_hf_model, capsys)["cached_input_tokens"] >= 4 * 32
+
+
 def test_compare_without_transformers_is_a_clear_error(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     assert main(["bench", "--compare", "transformers", "--num-prompts", "1"]) == 2
@@ -82,6 +104,8 @@ def test_compare_without_transformers_is_a_clear_error(monkeypatch, capsys) -> N
     (["--request-rate", "5"], "--request-rate needs --url"),
     (["--url", "http://x", "--compare", "transformers"], "cannot be combined with --url"),
     (["--plot", "out.jpg"], "--plot must name a .png file"),
+    (["--shared-prefix-len", "-1"], "--shared-prefix-len must be >= 0"),
+    (["--shared-prefix-len", "8", "--dataset", "x.jsonl"], "cannot be combined with --dataset"),
 ])
 def test_bad_flags_are_one_line_errors(argv: list[str], message: str, capsys) -> None:
     assert main(["bench", *argv]) == 2
@@ -121,6 +145,8 @@ def test_serving_bench_against_our_server(server_url: str, capsys) -> None:
     assert data["backend"] == "http" and data["concurrency"] == 4
     # Token counts come from the server's usage chunk; the text windows re-encode to the same 16 tokens.
     check_result(data, 8, 16, 4)
+    # So do the prefix-cache hits: tokenmill always sends usage.prompt_tokens_details.cached_tokens.
+    assert isinstance(data["cached_input_tokens"], int) and data["prefix_cache_hit_rate"] is not None
 
 
 def test_serving_bench_poisson_rate_and_server_errors(server_url: str) -> None:

@@ -60,6 +60,24 @@ def test_synthetic_prompts_have_the_exact_length_and_are_seeded() -> None:
 def test_synthetic_prompts_reject_bad_lengths() -> None:
     with pytest.raises(ValueError, match="input_len must be an integer >= 1"):
         synthetic_prompts(ByteTokenizer(), 2, 0, 8)
+    with pytest.raises(ValueError, match="shared_prefix_len must be an integer >= 0"):
+        synthetic_prompts(ByteTokenizer(), 2, 8, 8, shared_prefix_len=-1)
+
+
+def test_shared_prefix_prompts_share_exactly_the_first_n_tokens() -> None:
+    tok = ByteTokenizer()
+    prompts = synthetic_prompts(tok, 6, 40, 8, seed=5, shared_prefix_len=100)
+    assert [len(p.token_ids) for p in prompts] == [140] * 6
+    prefix = prompts[0].token_ids[:100]
+    assert all(p.token_ids[:100] == prefix for p in prompts)
+    # The tails are each prompt's own: no two prompts share their 101st token onwards.
+    tails = [p.token_ids[100:] for p in prompts]
+    assert len({tuple(t) for t in tails}) == 6
+    prose = PROSE_PATH.read_text(encoding="utf-8")
+    assert bytes(prefix).decode() in prose + prose and all(bytes(t).decode() in prose + prose for t in tails)
+    assert all(p.text == tok.decode(p.token_ids) for p in prompts)
+    # Without a shared prefix the prompts are the ones earlier versions sent for the same seed.
+    assert synthetic_prompts(tok, 3, 40, 8, seed=5, shared_prefix_len=0) == synthetic_prompts(tok, 3, 40, 8, seed=5)
 
 
 def test_jsonl_dataset(tmp_path: Path) -> None:
@@ -124,6 +142,45 @@ def test_text_tables() -> None:
     assert "tokenmill/transformers" in side
     sweep = format_sweep([fake_result("tokenmill", c, 0.05) for c in (1, 4)])
     assert len(sweep.splitlines()) == 4
+
+
+def cached_result(cached: list[int | None]):
+    """Four requests of 32 prompt tokens; ``cached`` is what each reported as served from the prefix cache."""
+    records = []
+    for i, hit in enumerate(cached):
+        r = RequestRecord(prompt_tokens=32, start_time=0.0, cached_tokens=hit)
+        r.add_chunk(0.1 * (i + 1), 1)
+        r.add_chunk(0.1 * (i + 1) + 0.05, 1)
+        records.append(r)
+    return summarize(records, duration_s=1.0, backend="tokenmill", concurrency=None)
+
+
+def test_prefix_cache_hit_rate_is_summed_over_requests_and_rendered() -> None:
+    result = cached_result([0, 16, 32, 16])
+    assert (result.cached_input_tokens, result.total_input_tokens) == (64, 128)
+    assert result.prefix_cache_hit_rate == pytest.approx(0.5)
+    data = json.loads(dumps(to_json([result])))
+    assert (data["cached_input_tokens"], data["prefix_cache_hit_rate"]) == (64, 0.5)
+    table = format_table(result)
+    assert "prefix cache: 64 of 128 input tokens cached (50.0%)" in table
+    assert next(line for line in table.splitlines() if line.startswith("prefix cache hit rate")).split()[-1] == "50.0"
+    # Next to a backend without a prefix cache (transformers) the row shows "-".
+    side = format_table(result, fake_result("transformers", None, 0.1))
+    assert next(line for line in side.splitlines() if line.startswith("prefix cache hit rate")).split()[-3:] == [
+        "50.0", "-", "-"]
+    sweep = format_sweep([result, cached_result([32, 32, 32, 32])]).splitlines()
+    assert "cache hit %" in sweep[1]
+    assert [line.split()[-1] for line in sweep[2:]] == ["50.0", "100.0"]
+
+
+def test_hit_rate_is_unknown_when_no_request_reports_cached_tokens() -> None:
+    result = cached_result([None, None, None, None])  # e.g. a server without prompt_tokens_details
+    assert result.cached_input_tokens is None and result.prefix_cache_hit_rate is None
+    assert json.loads(dumps(to_json([result])))["prefix_cache_hit_rate"] is None
+    assert "prefix cache" not in format_table(result)
+    assert "cache hit" not in format_sweep([result, result])
+    partial = cached_result([None, 32, None, None])  # the requests that said nothing count as misses
+    assert partial.prefix_cache_hit_rate == pytest.approx(0.25)
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -3,6 +3,8 @@
 Synthetic prompts are windows of ``input_len`` tokens taken at seeded random offsets in
 ``data/prose.txt`` (wrapping around when the window runs past the end), so the model sees
 ordinary English rather than random ids, and every run with the same seed sends the same prompts.
+With ``shared_prefix_len`` every prompt starts with the same window (a system prompt, a few-shot
+preamble, a shared document), which is what a prefix cache serves.
 """
 
 from __future__ import annotations
@@ -31,21 +33,29 @@ class BenchPrompt:
 
 
 def synthetic_prompts(tokenizer: TextTokenizer, num_prompts: int, input_len: int, output_len: int,
-                      seed: int = 0) -> list[BenchPrompt]:
-    """``num_prompts`` prompts of exactly ``input_len`` tokens cut from the shipped prose."""
+                      seed: int = 0, shared_prefix_len: int = 0) -> list[BenchPrompt]:
+    """``num_prompts`` prompts cut from the shipped prose: each is ``shared_prefix_len`` tokens that
+    all prompts share (one window, the same for every prompt) followed by ``input_len`` tokens of
+    its own, so ``shared_prefix_len + input_len`` tokens in all."""
     _check_positive("num_prompts", num_prompts)
     _check_positive("input_len", input_len)
     _check_positive("output_len", output_len)
+    if isinstance(shared_prefix_len, bool) or not isinstance(shared_prefix_len, int) or shared_prefix_len < 0:
+        raise ValueError(f"shared_prefix_len must be an integer >= 0, got {shared_prefix_len!r}")
     corpus = tokenizer.encode(PROSE_PATH.read_text(encoding="utf-8"), add_special_tokens=False)
     rng = random.Random(seed)
+    prefix = _window(corpus, rng.randrange(len(corpus)), shared_prefix_len) if shared_prefix_len else []
     prompts = []
     for _ in range(num_prompts):
-        start = rng.randrange(len(corpus))
-        # Repeat the corpus as often as needed so any input_len fits, then cut one window.
-        reps = (start + input_len) // len(corpus) + 1
-        ids = (corpus * reps)[start:start + input_len]
+        ids = prefix + _window(corpus, rng.randrange(len(corpus)), input_len)
         prompts.append(BenchPrompt(tokenizer.decode(ids, skip_special_tokens=False), ids, output_len))
     return prompts
+
+
+def _window(corpus: list[int], start: int, length: int) -> list[int]:
+    """``length`` tokens of ``corpus`` from ``start``, repeating the corpus as often as needed."""
+    reps = (start + length) // len(corpus) + 1
+    return (corpus * reps)[start:start + length]
 
 
 def load_jsonl_prompts(path: str | Path, tokenizer: TextTokenizer, num_prompts: int,

@@ -22,6 +22,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "instead of an in-process engine")
     g.add_argument("--num-prompts", type=int, default=32, help="number of requests (default 32)")
     g.add_argument("--input-len", type=int, default=128, help="prompt tokens of synthetic prompts (default 128)")
+    g.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                   help="synthetic prompts all start with the same N tokens, then --input-len tokens of "
+                        "their own: a workload for the prefix cache (default 0)")
     g.add_argument("--output-len", type=int, default=64,
                    help="tokens generated per request, EOS ignored (default 64)")
     g.add_argument("--concurrency", default=None,
@@ -52,6 +55,10 @@ def _validate(args: argparse.Namespace) -> list[int | None]:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.shared_prefix_len < 0:
+        raise ValueError(f"--shared-prefix-len must be >= 0, got {args.shared_prefix_len}")
+    if args.shared_prefix_len and args.dataset:
+        raise ValueError("--shared-prefix-len shapes synthetic prompts; it cannot be combined with --dataset")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if not args.request_rate > 0:
@@ -65,11 +72,14 @@ def _validate(args: argparse.Namespace) -> list[int | None]:
     return parse_concurrency(args.concurrency)
 
 
-def build_prompts(args: argparse.Namespace, tokenizer: Any) -> list[BenchPrompt]:
-    """The run's prompts: from --dataset, or synthetic ones of --input-len tokens."""
+def build_prompts(args: argparse.Namespace, tokenizer: Any, level: int = 0) -> list[BenchPrompt]:
+    """The prompts of the ``level``-th run of a sweep: from --dataset, or synthetic ones of
+    --shared-prefix-len + --input-len tokens. Synthetic prompts differ from level to level (seed +
+    level), so a level does not find the prompts of the one before it in the prefix cache."""
     if args.dataset:
         return load_jsonl_prompts(args.dataset, tokenizer, args.num_prompts, args.output_len)
-    return synthetic_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len, seed=args.seed)
+    return synthetic_prompts(tokenizer, args.num_prompts, args.input_len, args.output_len,
+                             seed=args.seed + level, shared_prefix_len=args.shared_prefix_len)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -108,16 +118,18 @@ def _run_offline(args: argparse.Namespace,
     from tokenmill.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(engine_config_from_args(args))
-    prompts = build_prompts(args, engine.tokenizer)
+    prompt_sets = [build_prompts(args, engine.tokenizer, i) for i in range(len(levels))]
     progress = not args.no_progress
-    results = [run_offline(engine, prompts, c, progress=progress, warmup=args.warmup) for c in levels]
+    results = [run_offline(engine, prompts, c, progress=progress, warmup=args.warmup)
+               for prompts, c in zip(prompt_sets, levels, strict=True)]
     if not args.compare:
         return results, None
     from tokenmill.bench.compare import load_transformers_model, run_transformers
 
     hf_model = load_transformers_model(args.model, engine.dtype, engine.device, progress=progress)
     pad = engine.eos_token_ids[0] if engine.eos_token_ids else 0
-    others = [run_transformers(hf_model, prompts, c, pad_token_id=pad, warmup=args.warmup) for c in levels]
+    others = [run_transformers(hf_model, prompts, c, pad_token_id=pad, warmup=args.warmup)
+              for prompts, c in zip(prompt_sets, levels, strict=True)]
     return results, others
 
 
@@ -125,9 +137,9 @@ def _run_serving(args: argparse.Namespace, levels: list[int | None]) -> list[Ben
     from tokenmill.bench.serving import run_serving
     from tokenmill.model.source import load_tokenizer
 
-    prompts = build_prompts(args, load_tokenizer(args.model))
-    return [asyncio.run(run_serving(args.url, prompts, model=args.served_model_name, concurrency=c,
-                                    request_rate=args.request_rate, seed=args.seed, api_key=args.api_key,
-                                    timeout_s=args.timeout, progress=not args.no_progress))
-            for c in levels]
+    tokenizer = load_tokenizer(args.model)
+    return [asyncio.run(run_serving(args.url, build_prompts(args, tokenizer, i), model=args.served_model_name,
+                                    concurrency=c, request_rate=args.request_rate, seed=args.seed,
+                                    api_key=args.api_key, timeout_s=args.timeout, progress=not args.no_progress))
+            for i, c in enumerate(levels)]
 

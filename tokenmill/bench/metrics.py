@@ -9,6 +9,10 @@ seconds). From those timestamps alone:
           because it pays for the prefill; requests with one output token have no TPOT
 - ITL   = the gaps between consecutive chunks (one sample per gap, over all requests)
 - e2e   = end - start, where end is the last chunk (or the finish time when later)
+
+The prefix-cache hit rate is the share of the input tokens of completed requests that the
+server reported as cached (RequestOutput.num_cached_tokens, or usage.prompt_tokens_details
+.cached_tokens over HTTP); unknown (None) when no request reported it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class RequestRecord:
     output_tokens: int = 0
     end_time: float | None = None
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache; None: not reported
 
     def add_chunk(self, when: float, num_tokens: int) -> None:
         """Record that ``num_tokens`` new tokens arrived at ``when``; empty chunks are ignored."""
@@ -120,6 +125,8 @@ class BenchResult:
     peak_rss_mb: float
     peak_gpu_memory_mb: float | None = None
     kv_cache: dict[str, Any] | None = None  # tokens, blocks, block_size, size_mb (engine backends)
+    cached_input_tokens: int | None = None  # of total_input_tokens, served from the prefix cache
+    prefix_cache_hit_rate: float | None = None  # cached_input_tokens / total_input_tokens
     errors: list[str] = field(default_factory=list)  # first few error messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +146,8 @@ def summarize(records: list[RequestRecord], duration_s: float, *, backend: str, 
     done = [r for r in records if r.ok]
     input_tokens = sum(r.prompt_tokens for r in done)
     output_tokens = sum(r.output_tokens for r in done)
+    reported = [r.cached_tokens for r in done if r.cached_tokens is not None]
+    cached = sum(reported) if reported else None
     return BenchResult(
         backend=backend,
         num_requests=len(records),
@@ -159,6 +168,8 @@ def summarize(records: list[RequestRecord], duration_s: float, *, backend: str, 
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_memory_mb=peak_gpu_memory_mb,
         kv_cache=kv_cache,
+        cached_input_tokens=cached,
+        prefix_cache_hit_rate=cached / input_tokens if cached is not None and input_tokens else None,
         errors=[r.error or "no tokens received" for r in records if not r.ok][:5],
     )
 

@@ -69,6 +69,7 @@ def _step(engine: LLMEngine, in_flight: dict[str, RequestRecord], bar: tqdm) -> 
         record.add_chunk(now, sum(len(c.delta_token_ids) for c in out.outputs))
         if out.finished:
             record.end_time = now
+            record.cached_tokens = out.num_cached_tokens
             reason = out.outputs[0].finish_reason if out.outputs else None
             if reason == "abort":
                 record.error = "aborted by the engine"

@@ -24,6 +24,10 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}"
+
+
 def _label(result: BenchResult) -> str:
     return f"{result.backend} (c={result.concurrency or 'all'})"
 
@@ -39,6 +43,9 @@ def _rows(result: BenchResult) -> list[tuple[str, float | None, str]]:
     for key, name, digits in THROUGHPUTS:
         value = getattr(result, key)
         rows.append((name, value, f"{value:.{digits}f}"))
+    if result.prefix_cache_hit_rate is not None:
+        rows.append(("prefix cache hit rate (%)", result.prefix_cache_hit_rate * 100,
+                     _pct(result.prefix_cache_hit_rate)))
     rows.append(("peak RSS (MiB)", result.peak_rss_mb, f"{result.peak_rss_mb:.0f}"))
     if result.peak_gpu_memory_mb is not None:
         rows.append(("peak GPU memory (MiB)", result.peak_gpu_memory_mb, f"{result.peak_gpu_memory_mb:.0f}"))
@@ -53,6 +60,9 @@ def _header(result: BenchResult) -> list[str]:
         kv = result.kv_cache
         size = f", {kv['size_mb']:.1f} MiB" if "size_mb" in kv else ""
         lines.append(f"KV cache: {kv['tokens']} tokens ({kv['blocks']} blocks of {kv['block_size']}){size}")
+    if result.cached_input_tokens is not None:
+        lines.append(f"prefix cache: {result.cached_input_tokens} of {result.total_input_tokens} input tokens "
+                     f"cached ({_pct(result.prefix_cache_hit_rate)}%)")
     if result.failed:
         lines.append(f"{result.failed} requests failed; first errors: {result.errors}")
     return lines
@@ -80,12 +90,17 @@ def format_table(result: BenchResult, other: BenchResult | None = None) -> str:
 def format_sweep(results: list[BenchResult], others: list[BenchResult] | None = None) -> str:
     """One row per concurrency level: throughput and the median latencies (and the comparison's)."""
     head = f"{'concurrency':>11}  {'req/s':>7}  {'out tok/s':>9}  {'TTFT p50 ms':>11}  {'TPOT p50 ms':>11}  {'ITL p50 ms':>10}"
+    hit_rates = any(r.prefix_cache_hit_rate is not None for r in results)
+    if hit_rates:
+        head += f"  {'cache hit %':>11}"
     if others:
         head += f"  {others[0].backend + ' out tok/s':>24}  {'ratio':>6}"
     lines = [f"{results[0].backend} concurrency sweep", head]
     for i, r in enumerate(results):
         line = (f"{r.concurrency or 'all'!s:>11}  {r.request_throughput:>7.2f}  {r.output_throughput:>9.1f}  "
                 f"{_ms(r.ttft_s.p50):>11}  {_ms(r.tpot_s.p50):>11}  {_ms(r.itl_s.p50):>10}")
+        if hit_rates:
+            line += f"  {_pct(r.prefix_cache_hit_rate):>11}"
         if others:
             o = others[i]
             line += f"  {o.output_throughput:>24.1f}  {_ratio(r.output_throughput, o.output_throughput):>6}"
@@ -95,7 +110,8 @@ def format_sweep(results: list[BenchResult], others: list[BenchResult] | None = 
 
 def to_json(results: list[BenchResult], others: list[BenchResult] | None = None) -> dict[str, Any]:
     """The ``--json`` object. One run: its metrics at the top level (ttft_s, tpot_s, itl_s, e2e_s,
-    request_throughput, output_throughput, total_throughput, peak_rss_mb, ...), plus
+    request_throughput, output_throughput, total_throughput, peak_rss_mb, cached_input_tokens,
+    prefix_cache_hit_rate, ...), plus
     ``compare`` (the transformers run and the ratios) when there is one. A sweep: ``{"sweep": [...]}``,
     each entry shaped like one run."""
     entries = []

@@ -4,7 +4,8 @@ Each request is a streaming ``POST /v1/completions`` with ``stream_options.inclu
 so TTFT and inter-token gaps are measured at the client, network and server queue included.
 Requests are released on a Poisson schedule (``request_rate`` per second; inf: all at once)
 and at most ``concurrency`` are in flight. The token count of a request comes from the
-server's final usage chunk when it sends one, else from the number of text chunks.
+server's final usage chunk when it sends one, else from the number of text chunks; so do the
+prefix-cache hits (``usage.prompt_tokens_details.cached_tokens``, which tokenmill always sends).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ async def _send(client: httpx.AsyncClient, base_url: str, model: str, prompt: Be
         # The server's counts are exact; a chunk may hold several tokens or none.
         record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
         record.output_tokens = usage.get("completion_tokens", record.output_tokens)
+        record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     return record
 
 

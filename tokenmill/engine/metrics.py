@@ -3,6 +3,9 @@
 Each EngineMetrics owns its own CollectorRegistry (not prometheus_client's global one), so
 several engines or apps in one process (tests) never collide. The engine thread records into
 it: ``record_finished`` for each finished RequestOutput, ``record_stats`` after each step.
+
+The prefix-cache counters are also exported under vLLM v1's names (``vllm:prefix_cache_queries_total``,
+``vllm:prefix_cache_hits_total``), so a dashboard built for vLLM can plot the hit rate unchanged.
 """
 
 from __future__ import annotations
@@ -56,8 +59,22 @@ class EngineMetrics:
                                 labelnames=["finish_reason"], registry=r)
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)  # export zeros so dashboards see every label
-        # Engine totals at the last record_stats: counters grow by the difference.
-        self._last_totals = (0, 0, 0)
+        self.prefix_cache_queries = Counter("tokenmill_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter("tokenmill_prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache (KV reused).", registry=r)
+        # vLLM labels these by model_name; this registry has no model name, so they carry no label.
+        vllm_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in queried tokens.", registry=r)
+        vllm_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", registry=r)
+        # Each EngineStats total and the counters it advances (by the difference to the last record_stats).
+        self._total_counters: dict[str, tuple[Counter, ...]] = {
+            "prompt_tokens_total": (self.prompt_tokens,),
+            "generation_tokens_total": (self.generation_tokens,),
+            "num_preemptions_total": (self.preemptions,),
+            "prefix_cache_queries_total": (self.prefix_cache_queries, vllm_queries),
+            "prefix_cache_hits_total": (self.prefix_cache_hits, vllm_hits),
+        }
+        self._last_totals = dict.fromkeys(self._total_counters, 0)
 
     def record_finished(self, out: RequestOutput) -> None:
         """Record the latencies and finish reason of a request that just finished."""
@@ -81,12 +98,12 @@ class EngineMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
-        totals = (stats.prompt_tokens_total, stats.generation_tokens_total, stats.num_preemptions_total)
-        for counter, new, old in zip((self.prompt_tokens, self.generation_tokens, self.preemptions),
-                                     totals, self._last_totals, strict=True):
-            if new > old:
-                counter.inc(new - old)
-        self._last_totals = totals
+        for name, counters in self._total_counters.items():
+            new = getattr(stats, name)
+            if new > self._last_totals[name]:
+                for counter in counters:
+                    counter.inc(new - self._last_totals[name])
+            self._last_totals[name] = new
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -290,10 +290,14 @@ def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> 
             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """Token counts of a response. One RequestOutput per prompt (its n samples are its outputs), so
+    each prompt and its prefix-cache hits count once however many samples it has."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # -- streaming --------------------------------------------------------------------------------------
