@@ -86,7 +86,6 @@ def test_shared_prefix_run_reports_a_hit_rate(tiny_hf_model, capsys) -> None:
     assert data["prefix_cache_hit_rate"] == pytest.approx(data["cached_input_tokens"] / (4 * 40))
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine prefix caching")
 def test_shared_prefix_is_served_from_the_cache(tiny_hf_model, capsys) -> None:
     # The warm-up request computes the 32 shared tokens (2 blocks of 16); every timed request reuses them.
     assert run_shared_prefix(tiny_hf_model, capsys)["cached_input_tokens"] >= 4 * 32

@@ -174,7 +174,6 @@ def test_usage_reports_cached_prompt_tokens(client, server):
         assert m[name] >= 0, name
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine prefix caching")
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, server):
     kwargs = {"model": server.model, "prompt": LONG_PROMPT, "max_tokens": 2, "temperature": 0,
               "extra_body": {"ignore_eos": True}}
