@@ -62,6 +62,7 @@ class EngineConfig:
     seed: int = 0
     threads: int | None = None
     compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix seen before
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

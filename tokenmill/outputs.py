@@ -92,5 +92,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
     # Beam search only: per step, every candidate considered (see engine/beam_search.py, docs/beam_search.md).
     beam_trace: list[list[dict]] | None = None

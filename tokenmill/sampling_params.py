@@ -64,6 +64,8 @@ class SamplingParams:
     early_stopping: bool | str = False
     # Internal: the playground asks for the distribution after the controls too.
     return_processed_topk: int | None = field(default=None, repr=False)
+    # Internal: the playground asks for beam search's per-step candidates.
+    return_beam_trace: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -67,7 +67,7 @@ def eos_likely(plain, tmp_path_factory):
     lm_head row is doubled (tied, so its embedding too). A random model almost never picks token 2, so
     without this every hypothesis would end at max_tokens."""
     llm, hf = plain
-    outs = llm.generate(PROMPTS, SamplingParams(num_beams=4, max_tokens=12), use_tqdm=False)
+    outs = llm.generate(PROMPTS, SamplingParams(num_beams=4, max_tokens=12, return_beam_trace=True), use_tqdm=False)
     counts = Counter(c["token_id"] for o in outs for step in o.beam_trace for c in step[:4])
     eos = counts.most_common(1)[0][0]
     model = load_hf(Path(hf.name_or_path))
@@ -114,13 +114,13 @@ def test_matches_transformers_when_eos_is_likely(eos_likely, case):
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs, strict=True):
         assert_same_as_hf(out, hf_beam_search(hf, prompt, eos_ids, num_beams, n, lp, es, max_tokens), eos_ids)
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_eos_likely_model_does_finish_beams_early(eos_likely):
     """Guards the cases above: they must exercise finished hypotheses and early stopping, not only max_tokens."""
     llm, _ = eos_likely
-    outs = llm.generate(PROMPTS, SamplingParams(num_beams=4, n=4, max_tokens=12, early_stopping=True),
+    outs = llm.generate(PROMPTS, SamplingParams(num_beams=4, n=4, max_tokens=12, early_stopping=True, return_beam_trace=True),
                         use_tqdm=False)
     assert all(len(o.beam_trace) < 12 for o in outs)  # the search ended before max_tokens
     assert all(c.finish_reason == "stop" for o in outs for c in o.outputs)
@@ -147,7 +147,7 @@ def test_matches_transformers_with_stop_token_ids(plain, case):
         stop_id = best[max_tokens // 2]
         eos_ids = [*llm.engine.eos_token_ids, stop_id]
         params = SamplingParams(num_beams=num_beams, n=n, length_penalty=lp, early_stopping=es,
-                                max_tokens=max_tokens, stop_token_ids=[stop_id])
+                                max_tokens=max_tokens, stop_token_ids=[stop_id], return_beam_trace=True)
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         assert_same_as_hf(out, hf_beam_search(hf, prompt, eos_ids, num_beams, n, lp, es, max_tokens), eos_ids)
         # the stop id ended a hypothesis before max_tokens (it may be outranked by longer ones later)
@@ -178,7 +178,7 @@ def test_beams_computed_in_different_steps_give_the_same_result(eos_likely):
     eos_ids = llm.engine.eos_token_ids
     out = llm.generate([PROMPTS[1]], SamplingParams(num_beams=4, n=3, max_tokens=10), use_tqdm=False)[0]
     assert_same_as_hf(out, hf_beam_search(hf, PROMPTS[1], eos_ids, 4, 3, 1.0, False, 10), eos_ids)
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_preempted_beams_give_the_same_result(plain):
@@ -186,13 +186,13 @@ def test_preempted_beams_give_the_same_result(plain):
     llm, _ = plain
     prompts = [[(11 * i + 3 * k) % 500 + 3 for k in range(20 + i)] for i in range(5)]
     params = [SamplingParams(num_beams=4, n=2, max_tokens=20)] * 2 + [GREEDY] * 3
-    block_bytes = llm.engine.block_manager.block_size * 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 kv heads, dim 16
-    small = make_llm(Path(llm.engine.config.model), kv_cache_memory_gb=16 * block_bytes / 2**30)
-    assert small.engine.block_manager.num_blocks == 16
+    block_bytes = llm.engine.info.block_size * 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 kv heads, dim 16
+    small = make_llm(Path(llm.engine.info.config.model), kv_cache_memory_gb=16 * block_bytes / 2**30)
+    assert small.engine.info.num_blocks == 16
     expected = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert [[c.token_ids for c in o.outputs] for o in small.generate(prompts, params, use_tqdm=False)] == expected
-    assert small.engine.scheduler.num_preemptions_total > 0
-    assert small.engine.block_manager.num_used_blocks == 0
+    assert small.engine.stats().num_preemptions_total > 0
+    assert small.engine.stats().kv_blocks_used == 0
 
 
 def test_golden_default_model(default_model_path):
@@ -211,7 +211,7 @@ def test_golden_default_model(default_model_path):
             assert c.cumulative_logprob == pytest.approx(score, abs=1e-3)
         text = llm.get_tokenizer().decode(out.outputs[0].token_ids, skip_special_tokens=True)
         assert out.outputs[0].text == text
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_beam_and_sampling_requests_batched_give_the_same_results(plain):
@@ -228,7 +228,7 @@ def test_beam_and_sampling_requests_batched_give_the_same_results(plain):
         assert [c.text for c in a.outputs] == [c.text for c in b.outputs]
         for ca, cb in zip(a.outputs, b.outputs, strict=True):
             assert ca.cumulative_logprob == pytest.approx(cb.cumulative_logprob, abs=1e-4)
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_beams_share_kv_blocks(plain):
@@ -236,16 +236,16 @@ def test_beams_share_kv_blocks(plain):
     llm, _ = plain
     engine = llm.engine
     prompt = [(13 * k) % 500 + 3 for k in range(200)]
-    prompt_blocks = engine.block_manager.blocks_for(len(prompt))  # 13 blocks of 16
+    prompt_blocks = -(-len(prompt) // engine.info.block_size)  # 13 blocks of 16
     engine.add_request(prompt, SamplingParams(num_beams=8, n=8, max_tokens=20), request_id="shared")
     peak, outputs = 0, []
     while engine.has_unfinished():
         outputs += engine.step()
-        peak = max(peak, engine.block_manager.num_used_blocks)
+        peak = max(peak, engine.stats().kv_blocks_used)
     # the prompt once, plus per beam its own partial last block and the blocks of 20 new tokens
     assert peak <= prompt_blocks + 8 * 3
     assert peak < 8 * prompt_blocks // 3
-    assert engine.block_manager.num_used_blocks == 0
+    assert engine.stats().kv_blocks_used == 0
     assert len(outputs) == 1 and len(outputs[0].outputs) == 8
 
 
@@ -268,7 +268,7 @@ def test_trace_rebuilds_every_hypothesis(plain):
     """Following the trace's parent/beam links reproduces each reported hypothesis and its score."""
     llm, _ = plain
     num_beams = 4
-    out = llm.generate([PROMPTS[1]], SamplingParams(num_beams=num_beams, n=4, max_tokens=7), use_tqdm=False)[0]
+    out = llm.generate([PROMPTS[1]], SamplingParams(num_beams=num_beams, n=4, max_tokens=7, return_beam_trace=True), use_tqdm=False)[0]
     trace = out.beam_trace
     assert trace is not None and len(trace) == 7
     paths: list[list[int]] = [[]]
@@ -302,7 +302,7 @@ def test_stop_string_ends_a_hypothesis(plain):
                        use_tqdm=False)[0]
     assert all(stop not in c.text for c in out.outputs)
     assert any(c.finish_reason == "stop" and c.stop_reason == stop for c in out.outputs)
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_abort_frees_every_beam(plain):
@@ -311,12 +311,12 @@ def test_abort_frees_every_beam(plain):
     engine.add_request(PROMPTS[0], SamplingParams(num_beams=4, n=2, max_tokens=30), request_id="gone")
     for _ in range(4):
         engine.step()
-    assert engine.block_manager.num_used_blocks > 0
+    assert engine.stats().kv_blocks_used > 0
     engine.abort("gone")
     outs = engine.step()
     assert [o.finished for o in outs if o.request_id == "gone"] == [True]
     assert {c.finish_reason for o in outs for c in o.outputs} == {"abort"}
-    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
 
 
 @pytest.mark.parametrize("kwargs, field", [

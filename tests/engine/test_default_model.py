@@ -29,7 +29,7 @@ def test_each_prompt_alone_gives_the_batched_tokens(llm):
     for case in cases:
         out = llm.generate([case["prompt_token_ids"]], params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == case["output_token_ids"]
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
 
 
 def test_chat_answers_paris_and_stops_at_end_of_turn(llm):

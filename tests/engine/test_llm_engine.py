@@ -26,7 +26,7 @@ def token_lists(outs) -> list[list[int]]:
 
 
 def assert_no_blocks_in_use(llm: LLM) -> None:
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.stats().kv_blocks_used == 0
     assert not llm.engine.has_unfinished()
 
 
@@ -58,11 +58,11 @@ def test_preemption_with_a_small_cache_gives_the_same_outputs(tiny_path):
     big = make_llm(tiny_path)
     # 10 blocks of 16 tokens: room for ~3 of these sequences at once
     small = make_llm(tiny_path, kv_cache_memory_gb=10 * 2 * 2 * 16 * 2 * 16 * 4 / 2**30)
-    assert small.engine.block_manager.num_blocks == 10
+    assert small.engine.info.num_blocks == 10
     expected = token_lists(big.generate(prompts, params, use_tqdm=False))
     got = token_lists(small.generate(prompts, params, use_tqdm=False))
     assert got == expected
-    assert small.engine.scheduler.num_preemptions_total > 0
+    assert small.engine.stats().num_preemptions_total > 0
     assert_no_blocks_in_use(small)
 
 
@@ -73,14 +73,14 @@ def test_abort_mid_generation_frees_blocks(tiny_path):
     other = engine.add_request(prompts_of_lengths([8])[0], SamplingParams(temperature=0, max_tokens=5))
     for _ in range(3):
         engine.step()
-    assert engine.block_manager.num_used_blocks > 0
+    assert engine.stats().kv_blocks_used > 0
     engine.abort(rid)
     outs = {o.request_id: o for o in engine.step()}
     assert outs[rid].finished and outs[rid].outputs[0].finish_reason == "abort"
     while engine.has_unfinished():
         engine.step()
     assert_no_blocks_in_use(llm)
-    assert other not in engine.requests
+    assert other not in engine.core.scheduler.requests
 
 
 def test_request_that_can_never_fit_is_rejected_with_both_numbers(tiny_path):
@@ -108,9 +108,9 @@ def test_n_samples_share_the_prompt_blocks_and_differ(tiny_path):
     engine = llm.engine
     engine.add_request(prompts_of_lengths([40])[0], params, request_id="r")
     engine.step()  # prefill + first tokens
-    request = engine.requests["r"]
+    request = engine.core.scheduler.requests["r"]
     assert len(request.seqs) == 4
-    tables = [s.block_table for s in request.seqs]
+    tables = [engine.core.kv.block_table(s) for s in request.seqs]
     assert all(t[0] == tables[0][0] for t in tables)  # the first (full) prompt block is shared
     while engine.has_unfinished():
         engine.step()
@@ -162,4 +162,4 @@ def test_compiled_decode_matches_eager(tiny_path):
     assert token_lists(compiled) == token_lists(eager)
     for a, b in zip(eager, compiled):
         assert b.outputs[0].cumulative_logprob == pytest.approx(a.outputs[0].cumulative_logprob, abs=1e-4)
-    assert compiled_llm.engine.runner.decode_forward is not compiled_llm.engine.runner.model.forward
+    assert compiled_llm.engine.core.runner.decode_forward is not compiled_llm.engine.core.runner.model.forward

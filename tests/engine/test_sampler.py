@@ -28,7 +28,7 @@ from tokenmill.engine.sampler import (
     apply_top_k,
     apply_top_p,
     apply_truncation,
-    prompt_logprobs,
+    token_logprobs,
 )
 from tokenmill.sampling_params import SamplingParams
 
@@ -285,8 +285,8 @@ def test_prompt_logprobs_match_log_softmax():
     prompt = [5, 9, 2, 33]
     logits = _logits(3, seed=10)
     raw = logits.log_softmax(-1)
-    entries = prompt_logprobs(logits, prompt, 2)
-    assert entries[0] is None and len(entries) == 4
+    entries = [None] + token_logprobs(logits, prompt[1:], 2)
+    assert len(entries) == 4
     for pos in range(1, 4):
         token = prompt[pos]
         lp, rank = entries[pos][token]

@@ -45,24 +45,15 @@ def test_rejected_request_raises_value_error(server):
 
 
 def test_a_request_that_breaks_the_engine_fails_alone(server, monkeypatch):
-    llm = server.engine.engine
-    real_add, real_step = llm.add_request, llm.step
-    poisoned: set[str] = set()
+    runner = server.engine.engine.core.runner
+    real_execute = runner.execute
 
-    def add_request(ids, params, request_id=None, **kwargs):
-        request_id = real_add(ids, params, request_id=request_id, **kwargs)
-        if params.seed == POISON_SEED:
-            poisoned.add(request_id)
-        return request_id
-
-    def step():
-        if poisoned:  # the step right after the poisoned request arrives raises, like a bug would
-            poisoned.clear()
+    def execute(plan):  # the poisoned request breaks the forward, like a bug would
+        if any(s.request.params.seed == POISON_SEED for s in plan.scheduled):
             raise RuntimeError("boom")
-        return real_step()
+        return real_execute(plan)
 
-    monkeypatch.setattr(llm, "add_request", add_request)
-    monkeypatch.setattr(llm, "step", step)
+    monkeypatch.setattr(runner, "execute", execute)
     errors_before = server.metrics()['tokenmill_requests_total{finish_reason="error"}']
 
     async def main() -> list:

@@ -126,7 +126,7 @@ def _run_offline(args: argparse.Namespace,
         return results, None
     from tokenmill.bench.compare import load_transformers_model, run_transformers
 
-    hf_model = load_transformers_model(args.model, engine.dtype, engine.device, progress=progress)
+    hf_model = load_transformers_model(args.model, engine.info.dtype, engine.info.device, progress=progress)
     pad = engine.eos_token_ids[0] if engine.eos_token_ids else 0
     others = [run_transformers(hf_model, prompts, c, pad_token_id=pad, warmup=args.warmup)
               for prompts, c in zip(prompt_sets, levels, strict=True)]

@@ -35,7 +35,7 @@ def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int 
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if warmup:
         _warm_up(engine, prompts[:warmup])
-    device = engine.device
+    device = engine.info.device
     _reset_gpu_peak(device)
     limit = concurrency or len(prompts)
     pending = deque(enumerate(prompts))
@@ -88,8 +88,8 @@ def _warm_up(engine: LLMEngine, prompts: list[BenchPrompt]) -> None:
 def kv_cache_info(engine: LLMEngine) -> dict[str, Any]:
     """Size of the engine's paged KV cache: blocks, tokens it can hold, and MiB."""
     blocks = engine.stats().kv_blocks_total
-    block_size = engine.config.block_size
-    size = blocks * bytes_per_block(engine.model_config, block_size, engine.dtype)
+    block_size = engine.info.block_size
+    size = blocks * bytes_per_block(engine.info.model_config, block_size, engine.info.dtype)
     return {"blocks": blocks, "block_size": block_size, "tokens": blocks * block_size, "size_mb": size / 2**20}
 
 

@@ -1,10 +1,10 @@
 """AsyncEngine: the LLMEngine loop in one background thread, an asyncio stream per request.
 
-The engine is not thread-safe, so only the loop thread touches it. Coroutines hand it work
-through two small queues (requests to add, ids to abort) and wake it with a condition; the
-thread drains them between steps, runs ``step()`` and pushes each RequestOutput into the
-asyncio.Queue of its request with ``loop.call_soon_threadsafe``. When nothing is running the
-thread sleeps on the condition, so an idle server costs no CPU.
+Coroutines add and abort requests directly on the engine (its core has the one request queue
+and the one lock; a rejection raises ValueError in the caller at once). The loop thread waits
+until the core has work, runs ``step()`` and pushes each RequestOutput into the asyncio.Queue of
+its request with ``loop.call_soon_threadsafe``. When nothing is running the thread sleeps on the
+core's condition, so an idle server costs no CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.engine.core import EngineInfo, EngineStepError
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -30,18 +31,6 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine raised while running this request; other requests go on."""
-
-
-@dataclass
-class _Pending:
-    """A request waiting for the loop thread to call ``engine.add_request``."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
-    stream: RequestStream
-    accepted: asyncio.Future[None]
 
 
 @dataclass
@@ -77,18 +66,13 @@ class RequestStream:
 class AsyncEngine:
     """Runs an LLMEngine in a background thread and serves many asyncio clients.
 
-    engine: a loaded ``LLMEngine`` (or anything with its add_request/abort/step/
-    has_unfinished/stats methods). metrics: where timings and gauges are recorded.
+    engine: a loaded ``LLMEngine``. metrics: where timings and gauges are recorded.
     """
 
     def __init__(self, engine: Any, metrics: EngineMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or EngineMetrics()
-        self._cond = threading.Condition()
-        self._pending: list[_Pending] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, RequestStream] = {}  # touched only by the loop thread
-        self._num_waiting = 0  # engine's waiting queue after the last drain/step
+        self._streams: dict[str, RequestStream] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -98,6 +82,11 @@ class AsyncEngine:
         from tokenmill.engine.llm_engine import LLMEngine
 
         return cls(LLMEngine(config), metrics)
+
+    @property
+    def info(self) -> EngineInfo:
+        """The model and engine facts the API side needs (name, tokenizer, context length ...)."""
+        return self.engine.info
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -111,9 +100,8 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort whatever is still running, stop the thread and wait for it."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._stopping = True
+        self.engine.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -125,30 +113,27 @@ class AsyncEngine:
     # -- the coroutine side ----------------------------------------------------------------------
 
     def num_waiting(self) -> int:
-        """Requests not yet running: submitted but not added, plus the engine's waiting queue."""
-        with self._cond:
-            return len(self._pending) + self._num_waiting
+        """Requests not yet running: submitted but not yet scheduled."""
+        return self.engine.stats().num_waiting
 
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                          request_id: str | None = None, prompt: str | None = None) -> RequestStream:
-        """Submit a request; returns its stream once the engine has accepted it.
+                          request_id: str | None = None, prompt: str | None = None,
+                          cache_salt: str | None = None) -> RequestStream:
+        """Submit a request; returns its stream.
 
         Raises ValueError when the engine rejects it (prompt too long, bad params for the
         model), and EngineDeadError when the loop is not running.
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(request_id, loop)
-        pending = _Pending(request_id, list(prompt_token_ids), params, prompt, stream, loop.create_future())
-        with self._cond:
-            self._pending.append(pending)
-            self._cond.notify()
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._streams[request_id] = stream  # before the engine can report on it
         try:
-            await pending.accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
+            self.engine.add_request(prompt_token_ids, params, request_id=request_id, prompt=prompt,
+                                    cache_salt=cache_salt)
+        except BaseException:
+            self._streams.pop(request_id, None)
             raise
         return stream
 
@@ -166,61 +151,38 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread or coroutine; its blocks are freed at the next step."""
-        with self._cond:
-            self._aborts.append(request_id)
-            self._cond.notify()
+        if request_id in self._streams:
+            self.engine.abort(request_id)
 
     # -- the loop thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._pending or self._aborts or self._stopping or self.engine.has_unfinished()):
-                    self._record_stats()  # idle: publish the final gauges (KV usage back to 0)
-                    self._cond.wait()
-                pending, self._pending = self._pending, []
-                self._num_waiting += len(pending)  # still waiting until the next stats say otherwise
-                aborts, self._aborts = self._aborts, []
-                stopping = self._stopping
-            if stopping:
-                self._drain_on_shutdown(pending)
-                return
-            new_ids = self._add_pending(pending)
-            if new_ids:
-                self._record_stats()  # so num_waiting() counts them before the step ends
-            for request_id in aborts:
-                self._abort(request_id)
-            if self.engine.has_unfinished():
-                self._step(new_ids)
-            self._record_stats()
-
-    def _add_pending(self, pending: list[_Pending]) -> list[str]:
-        added = []
-        for p in pending:
-            try:
-                self.engine.add_request(p.prompt_token_ids, p.params, request_id=p.request_id,
-                                        prompt=p.prompt, arrival_time=None)
-            except Exception as exc:  # noqa: BLE001 - any rejection goes back to that caller only
-                _resolve(p.accepted, exc if isinstance(exc, ValueError) else RequestFailedError(str(exc)))
+        while not self._stopping:
+            if not self.engine.wait_for_work(timeout=1.0):
                 continue
-            self._streams[p.request_id] = p.stream
-            added.append(p.request_id)
-            _resolve(p.accepted, None)
-        return added
+            if self._stopping:
+                break
+            self._step()
+            self._record_stats()
+        self._drain_on_shutdown()
 
-    def _abort(self, request_id: str) -> None:
-        if request_id not in self._streams:
-            return  # already finished, or failed
-        try:
-            self.engine.abort(request_id)
-        except Exception:  # noqa: BLE001 - a failed abort must not stop the loop
-            logger.exception("abort of request %s failed", request_id)
-
-    def _step(self, new_ids: list[str]) -> None:
+    def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001
-            self._fail_after_step_error(exc, new_ids)
+        except EngineStepError as exc:
+            for request_id in exc.request_ids:
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    stream.put(RequestFailedError(f"request {request_id} failed: {exc}"))
+                    self.metrics.record_failed()
+            return
+        except Exception as exc:  # noqa: BLE001 - not a step error the core contained: fail every request
+            logger.exception("engine step failed")
+            for request_id, stream in list(self._streams.items()):
+                self.engine.abort(request_id)
+                stream.put(RequestFailedError(f"request {request_id} failed: {exc}"))
+                self.metrics.record_failed()
+            self._streams.clear()
             return
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -231,28 +193,12 @@ class AsyncEngine:
                 del self._streams[out.request_id]
                 self.metrics.record_finished(out)
 
-    def _fail_after_step_error(self, exc: Exception, new_ids: list[str]) -> None:
-        """Fail only the requests that can have caused ``exc``.
-
-        A request that breaks the engine almost always does so on its first step, so the
-        requests added just before the failed step are the suspects. With no new request we
-        cannot tell, and fail every running one rather than loop on the same error.
-        """
-        suspects = [r for r in new_ids if r in self._streams] or list(self._streams)
-        logger.error("engine step failed; failing request(s) %s", suspects, exc_info=exc)
-        for request_id in suspects:
-            self._abort(request_id)
-            self._streams.pop(request_id).put(RequestFailedError(f"request {request_id} failed: {exc}"))
-            self.metrics.record_failed()
-
-    def _drain_on_shutdown(self, pending: list[_Pending]) -> None:
-        for p in pending:
-            _resolve(p.accepted, EngineDeadError("the engine is shutting down"))
+    def _drain_on_shutdown(self) -> None:
         for request_id in list(self._streams):
-            self._abort(request_id)
+            self.engine.abort(request_id)
         # One more step reports the aborts, so each client gets finish_reason "abort".
         if self._streams and self.engine.has_unfinished():
-            self._step([])
+            self._step()
         for stream in self._streams.values():
             stream.put(EngineDeadError("the engine shut down"))
         self._streams.clear()
@@ -264,19 +210,4 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - metrics must never stop the loop
             logger.exception("engine.stats() failed")
             return
-        self._num_waiting = stats.num_waiting
         self.metrics.record_stats(stats)
-
-
-def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:
-    """Complete ``future`` from the engine thread, on its own event loop."""
-
-    def done() -> None:
-        if future.done():
-            return  # the caller went away (cancelled)
-        if exc is None:
-            future.set_result(None)
-        else:
-            future.set_exception(exc)
-
-    future.get_loop().call_soon_threadsafe(done)

@@ -17,25 +17,38 @@ so results are token-identical to it on the same weights):
    no beam runs (max_tokens: the best B continuations of the last step are all finished).
 
 KV memory: a beam chosen by k candidates is forked k-1 times; the forks share its blocks and only
-the block each writes into is copied (copy-on-write in BlockManager.allocate). A beam chosen by
-none is freed at once.
+the block each writes into is copied (copy-on-write in KVCacheManager.allocate_slots). A beam
+chosen by none is freed at once.
+
+The search changes request state only through its host (the Scheduler): ``fork``, ``free``,
+``append`` and ``rank``. It keeps per beam a detokenizer (stop strings are text) and, when asked,
+the raw logprobs; the final text is made on the API side from the hypotheses' tokens.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from tokenmill.engine.request import FinishReason, Request, Sequence
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.request import FinishReason, Request, Sequence, TokenLogprobs
 from tokenmill.engine.sampler import SampleRow, SamplingBatch, apply_penalties
-from tokenmill.outputs import Logprob, PositionLogprobs
+from tokenmill.engine.step import SeqDelta
 
-if TYPE_CHECKING:
-    from tokenmill.engine.llm_engine import LLMEngine
+
+class BeamHost(Protocol):
+    """What beam search may do to a request: the Scheduler implements it."""
+
+    eos_token_ids: list[int]
+    max_model_len: int
+
+    def fork(self, request: Request, parent: Sequence) -> Sequence: ...
+    def free(self, seq: Sequence) -> None: ...
+    def append(self, request: Request, seq: Sequence, token: int, cumulative_logprob: float) -> None: ...
+    def rank(self, request: Request, seqs: list[Sequence]) -> None: ...
+    def new_sequence(self, request: Request, token_ids: list[int], generator: Any, index: int = 0) -> Sequence: ...
 
 # A stop decision: why a candidate ends, and the stop_reason (token id or stop string) reported.
 Stop = tuple[FinishReason, str | int | None]
@@ -49,8 +62,7 @@ class Hypothesis:
     score: float
     finish_reason: FinishReason
     stop_reason: str | int | None
-    text: str
-    logprobs: list[PositionLogprobs] | None
+    logprobs: list[TokenLogprobs] | None
 
 
 @dataclass
@@ -75,8 +87,11 @@ class BeamGroup:
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most num_beams
     can_improve: bool = True  # transformers' early-stop heuristic (sticky once False)
     done: bool = False
-    trace: list[list[dict]] = field(default_factory=list)  # per step, every candidate (for the playground)
+    keep_trace: bool = False  # the playground asked for the per-step candidates
+    trace: list[list[dict]] = field(default_factory=list)  # per step, every candidate (when kept)
     final: list[Sequence] | None = None  # the reported hypotheses, once done
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)  # seq_id -> its text so far
+    logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> raw logprobs, if asked
 
     @property
     def is_full(self) -> bool:
@@ -84,24 +99,26 @@ class BeamGroup:
 
 
 class BeamSearch:
-    """Runs the beam search steps of every beam request of an engine."""
+    """Runs the beam search steps of every beam request of an engine core."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, host: BeamHost, tokenizer: Any) -> None:
+        self.host = host
+        self.tokenizer = tokenizer  # stop strings are matched on text; trace entries show tokens
 
-    # ---- engine hooks -----------------------------------------------------------------------
+    # ---- the scheduler's calls --------------------------------------------------------------
 
-    def step(self, request: Request, seq_rows: list[tuple[Sequence, int]], logits: torch.Tensor) -> bool:
-        """Take the logits rows ([R, V], row per (seq, row)) of request's beams; True when the request ended.
+    def step(self, request: Request, seq_rows: list[tuple[Sequence, torch.Tensor]]) -> bool:
+        """Take the raw logits rows ([V] per beam) computed this step; True when a search step ran.
 
         Beams may be computed in different engine steps (a sequence cap, preemption): their rows wait
-        in the group until every live beam has one, then one search step runs.
+        in the group until every live beam has one, then one search step runs. When the search
+        ends, request's sequences are the final hypotheses (all finished, holding no blocks).
         """
         group = request.beam_state
         if group is None:
-            group = request.beam_state = BeamGroup(request.params.num_beams)
+            group = request.beam_state = self._new_group(request)
         for seq, row in seq_rows:
-            group.pending[seq.seq_id] = logits[row]
+            group.pending[seq.seq_id] = row
         beams = request.live_seqs  # best first: _update_beams keeps them in rank order
         if any(s.seq_id not in group.pending for s in beams):
             for seq, _ in seq_rows:  # they wait past this step: copy them out of the runner's logits
@@ -109,18 +126,25 @@ class BeamSearch:
             return False
         rows = torch.stack([group.pending.pop(s.seq_id) for s in beams])  # [b, V]
         self._advance(request, group, beams, rows)
-        self.engine._mark_token_time(request, time.perf_counter())
         if group.done:
             self._finalize(request, group)
-        return group.done
+        return True
 
-    def ranked(self, request: Request) -> list[Sequence]:
-        """The sequences reported for request: the best n hypotheses once done, else the live beams."""
+    def final_deltas(self, request: Request) -> list[SeqDelta]:
+        """The reported hypotheses (best first) as whole-output deltas, once the search is done."""
         group = request.beam_state
-        if group is not None and group.final is not None:
-            return group.final
-        beams = sorted(request.seqs, key=lambda s: -s.cumulative_logprob)
-        return beams[:request.params.n]
+        return [SeqDelta(i, list(seq.output_token_ids), group.logprobs.get(seq.seq_id), None,
+                         seq.cumulative_logprob, seq.finish_reason, seq.stop_reason)
+                for i, seq in enumerate(group.final or [])]
+
+    def _new_group(self, request: Request) -> BeamGroup:
+        params = request.params
+        group = BeamGroup(params.num_beams, keep_trace=params.return_beam_trace)
+        (seq,) = request.seqs
+        group.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+        if params.logprobs is not None:
+            group.logprobs[seq.seq_id] = []
+        return group
 
     # ---- one search step --------------------------------------------------------------------
 
@@ -130,15 +154,16 @@ class BeamSearch:
         logprobs = self._apply_controls(request, beams, logprobs)
         candidates = self._top_candidates(request, beams, logprobs, len(stop_ids))
         kept = self._select(request, group, beams, candidates, logprobs)
-        group.trace.append([self._trace_entry(c) for c in candidates])
-        self._update_beams(request, beams, kept, logprobs)
+        if group.keep_trace:
+            group.trace.append([self._trace_entry(c) for c in candidates])
+        self._update_beams(request, group, beams, kept, logprobs)
         group.done = not request.live_seqs or not self._can_continue(request, group)
 
     def _apply_controls(self, request: Request, beams: list[Sequence], logprobs: torch.Tensor) -> torch.Tensor:
         """Steps 1-3 of the sampling pipeline (logit_bias, the min_tokens mask of EOS and stop ids, the
         penalties) on the log-probabilities, where transformers' logits processors act in beam search."""
         params = request.params
-        eos = [] if params.ignore_eos else self.engine.eos_token_ids
+        eos = [] if params.ignore_eos else self.host.eos_token_ids
         rows = [SampleRow(params, s.prompt_token_ids, s.output_token_ids, None) for s in beams]
         batch = SamplingBatch.build(rows, logprobs.shape[-1], eos, logprobs.device)
         return apply_penalties(logprobs, batch) if batch.needs_processing else logprobs
@@ -214,11 +239,11 @@ class BeamSearch:
 
     def _stop_ids(self, request: Request) -> list[int]:
         params = request.params
-        eos = [] if params.ignore_eos else list(self.engine.eos_token_ids)
+        eos = [] if params.ignore_eos else list(self.host.eos_token_ids)
         return sorted(set(eos) | set(params.stop_token_ids))
 
     def _max_new_tokens(self, request: Request, seq: Sequence) -> int:
-        room = self.engine.max_model_len - seq.num_prompt_tokens
+        room = self.host.max_model_len - seq.num_prompt_tokens
         return room if request.params.max_tokens is None else min(request.params.max_tokens, room)
 
     def _check_stop(self, request: Request, parent: Sequence, token: int) -> Stop | None:
@@ -226,12 +251,13 @@ class BeamSearch:
         params = request.params
         num_out = parent.num_output_tokens + 1
         if num_out > params.min_tokens:
-            if not params.ignore_eos and token in self.engine.eos_token_ids:
+            if not params.ignore_eos and token in self.host.eos_token_ids:
                 return FinishReason.STOP, None
             if token in params.stop_token_ids:
                 return FinishReason.STOP, token
         if params.stop:
-            stop_string = _clone_detokenizer(parent).add_tokens([token]).stop_string
+            detokenizer = request.beam_state.detokenizers[parent.seq_id].clone()
+            stop_string = detokenizer.add_tokens([token]).stop_string
             if stop_string is not None:
                 return FinishReason.STOP, stop_string
         if num_out >= self._max_new_tokens(request, parent):
@@ -239,25 +265,18 @@ class BeamSearch:
         return None
 
     def _hypothesis(self, request: Request, parent: Sequence, c: Candidate, row: torch.Tensor) -> Hypothesis:
-        """The finished hypothesis parent + c.token_id, with its final text."""
+        """The finished hypothesis parent + c.token_id."""
         reason, stop_reason = c.stop
-        detok = _clone_detokenizer(parent)
-        text = parent.text
-        if not (reason is FinishReason.STOP and not isinstance(stop_reason, str)):
-            # the text of EOS / a stop token never reaches the output (as in LLMEngine.append_token)
-            text += detok.add_tokens([c.token_id]).delta_text
-        if not isinstance(stop_reason, str):
-            text += detok.finish()
-        logprobs = None
-        if parent.logprobs is not None:
-            logprobs = parent.logprobs + [self._logprob_entry(request, row, c.token_id)]
-        return Hypothesis(parent.output_token_ids + [c.token_id], c.score, reason, stop_reason, text, logprobs)
+        logprobs = request.beam_state.logprobs.get(parent.seq_id)
+        if logprobs is not None:
+            logprobs = logprobs + [self._logprob_entry(request, row, c.token_id)]
+        return Hypothesis(parent.output_token_ids + [c.token_id], c.score, reason, stop_reason, logprobs)
 
     # ---- moving the beams -------------------------------------------------------------------
 
-    def _update_beams(self, request: Request, beams: list[Sequence], kept: list[Candidate],
+    def _update_beams(self, request: Request, group: BeamGroup, beams: list[Sequence], kept: list[Candidate],
                       logprobs: torch.Tensor) -> None:
-        """Fork, extend and free sequences so that request.seqs are the kept beams, best first."""
+        """Fork, extend and free sequences so that request's sequences are the kept beams, best first."""
         children: dict[int, list[Candidate]] = {}
         for c in kept:
             children.setdefault(c.parent, []).append(c)
@@ -265,70 +284,68 @@ class BeamSearch:
         for index, beam in enumerate(beams):
             chosen = children.get(index, [])
             if not chosen:
-                self.engine.block_manager.free(beam)  # dropped: its blocks go back at once
+                self._drop(group, beam)  # its blocks go back at once
                 continue
             owner[id(chosen[0])] = beam
             for c in chosen[1:]:  # fork before the parent is extended
-                owner[id(c)] = self._fork(request, beam)
+                owner[id(c)] = self._fork(request, group, beam)
         new_beams = []
         for c in kept:
             seq = owner[id(c)]
-            self._extend(request, seq, c, logprobs[c.parent])
+            self._extend(request, group, seq, c, logprobs[c.parent])
             new_beams.append(seq)
-        request.seqs = new_beams
+        self.host.rank(request, new_beams)
 
-    def _fork(self, request: Request, parent: Sequence) -> Sequence:
-        child = self.engine.fork_sequence(request, parent)
-        child.detokenizer = _clone_detokenizer(parent)
-        child.text = parent.text
-        if parent.logprobs is not None:
-            child.logprobs = list(parent.logprobs)
+    def _fork(self, request: Request, group: BeamGroup, parent: Sequence) -> Sequence:
+        child = self.host.fork(request, parent)
+        group.detokenizers[child.seq_id] = group.detokenizers[parent.seq_id].clone()
+        if parent.seq_id in group.logprobs:
+            group.logprobs[child.seq_id] = list(group.logprobs[parent.seq_id])
         return child
 
-    def _extend(self, request: Request, seq: Sequence, c: Candidate, row_logprobs: torch.Tensor) -> None:
-        """Append c's token to seq (a kept beam: by construction it does not end here)."""
-        if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(request, row_logprobs, c.token_id))
-        seq.token_ids.append(c.token_id)
-        seq.cumulative_logprob = c.cumulative_logprob
-        seq.text += seq.detokenizer.add_tokens([c.token_id]).delta_text
-        request.metrics.num_generated_tokens += 1
-        self.engine.generation_tokens_total += 1
+    def _drop(self, group: BeamGroup, beam: Sequence) -> None:
+        self.host.free(beam)
+        group.detokenizers.pop(beam.seq_id, None)
+        group.logprobs.pop(beam.seq_id, None)
 
-    def _logprob_entry(self, request: Request, row: torch.Tensor, token: int) -> PositionLogprobs:
+    def _extend(self, request: Request, group: BeamGroup, seq: Sequence, c: Candidate,
+                row_logprobs: torch.Tensor) -> None:
+        """Append c's token to seq (a kept beam: by construction it does not end here)."""
+        if seq.seq_id in group.logprobs:
+            group.logprobs[seq.seq_id].append(self._logprob_entry(request, row_logprobs, c.token_id))
+        self.host.append(request, seq, c.token_id, c.cumulative_logprob)
+        group.detokenizers[seq.seq_id].add_tokens([c.token_id])
+
+    def _logprob_entry(self, request: Request, row: torch.Tensor, token: int) -> TokenLogprobs:
         """The chosen token's raw logprob and rank, plus the top request.params.logprobs alternatives."""
-        decode = self.engine.tokenizer.decode
         chosen = float(row[token])
         rank = 1 + int((row > chosen).sum())
-        entry = {token: Logprob(chosen, rank, decode([token], skip_special_tokens=False))}
+        top = {}
         k = request.params.logprobs or 0
         if k:
             values, ids = torch.topk(row, k)
-            for r, (lp, tid) in enumerate(zip(values.tolist(), ids.tolist(), strict=True), start=1):
-                if tid != token:
-                    entry[tid] = Logprob(lp, r, decode([tid], skip_special_tokens=False))
-        return entry
+            top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprobs(token, chosen, rank, top)
 
     # ---- the end ----------------------------------------------------------------------------
 
     def _finalize(self, request: Request, group: BeamGroup) -> None:
-        """Free the running beams and turn the best n hypotheses into the reported sequences."""
+        """Free the running beams and make the best n hypotheses the request's (finished) sequences."""
         for beam in request.seqs:
-            self.engine.block_manager.free(beam)
+            self._drop(group, beam)
         final = []
-        for h in group.finished[:request.params.n]:
-            seq = Sequence(-1, request.prompt_token_ids + h.token_ids, len(request.prompt_token_ids),
-                           cumulative_logprob=h.score, logprobs=h.logprobs, finish_reason=h.finish_reason,
-                           stop_reason=h.stop_reason, text=h.text)
-            seq.delta_text, seq.delta_token_ids = h.text, list(h.token_ids)
-            seq.delta_logprobs = list(h.logprobs or [])
+        for index, h in enumerate(group.finished[:request.params.n]):
+            seq = self.host.new_sequence(request, request.prompt_token_ids + h.token_ids, None, index=index)
+            seq.cumulative_logprob, seq.finish_reason, seq.stop_reason = h.score, h.finish_reason, h.stop_reason
+            if h.logprobs is not None:
+                group.logprobs[seq.seq_id] = h.logprobs
             final.append(seq)
         group.final = final
-        request.seqs = final
+        self.host.rank(request, final)
 
     def _trace_entry(self, c: Candidate) -> dict:
         return {"parent": c.parent, "token_id": c.token_id,
-                "token": self.engine.tokenizer.decode([c.token_id], skip_special_tokens=False),
+                "token": self.tokenizer.decode([c.token_id], skip_special_tokens=False),
                 "cumulative_logprob": c.cumulative_logprob, "score": c.score, "status": c.status,
                 "beam": c.beam}
 
@@ -336,11 +353,3 @@ class BeamSearch:
 def _early_stopping_true(request: Request) -> bool:
     value = request.params.early_stopping
     return value != "never" and bool(value)
-
-
-def _clone_detokenizer(seq: Sequence):
-    """An independent copy of seq's detokenizer (the tokenizer itself is shared)."""
-    clone = copy.copy(seq.detokenizer)
-    clone._ids = list(seq.detokenizer._ids)
-    clone.stop_strings = seq.detokenizer.stop_strings
-    return clone

@@ -14,6 +14,7 @@ Two problems make "decode the new token and append" wrong:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +59,12 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(context)  # tokens before this were released
         self._held = ""  # decoded text held back: it may start a stop string
+
+    def clone(self) -> IncrementalDetokenizer:
+        """An independent copy (same tokenizer) that can be fed other tokens."""
+        clone = copy.copy(self)
+        clone._ids = list(self._ids)
+        return clone
 
     def add_tokens(self, token_ids: list[int]) -> DetokenizerUpdate:
         """Append generated tokens; returns the text that became safe to send."""

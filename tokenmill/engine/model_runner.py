@@ -1,8 +1,12 @@
-"""ModelRunner: turns a SchedulerOutput into input tensors, runs the model, returns logits.
+"""ModelRunner: SchedulerOutput -> input tensors -> one forward -> sampled tokens (ModelRunnerOutput).
 
-One forward covers the whole step: decode tokens and prefill chunks flattened into one batch
-of T tokens. Only the rows that are sampled (a sequence's last token) go through the lm_head,
+One forward covers the whole step: decode tokens and prefill chunks flattened into one batch of
+T tokens. Only the rows that are sampled go through the lm_head: a sequence's last token, and
+each of its draft tokens when drafts were fed (a decode of 1 + k tokens gets 1 + k logit rows),
 plus every position of a prompt whose prompt logprobs were asked for.
+
+The runner reads the plan and the requests in it, and never changes them: it returns tokens, the
+scheduler applies them.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.kv_cache import KVCacheTensors
-from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
+from tokenmill.engine.request import TokenLogprobs
+from tokenmill.engine.sampler import Sampler, SampleRow, SamplingBatch, token_logprobs
+from tokenmill.engine.step import ModelRunnerOutput, SampledTokens, ScheduledSeq, SchedulerOutput
 from tokenmill.model.attention import AttentionMetadata, SeqSlice
 
 
@@ -23,27 +29,23 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [R] index into T of each sampled sequence's last token
-    sampled: list[ScheduledSeq]  # the R sequences sampled, in row order
-    prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (start, length) rows of prompt logits in `extra`
-    extra_indices: torch.Tensor | None  # [P] index into T of prompt positions needing logits
-
-
-@dataclass
-class StepResult:
-    logits: torch.Tensor  # [R, V] float32, row i belongs to StepInputs.sampled[i]
-    sampled: list[ScheduledSeq]
-    prompt_logits: dict[int, torch.Tensor]  # seq_id -> [len, V] logits of the positions in this chunk
+    logit_indices: torch.Tensor  # [R] index into T of every sampled position
+    logit_rows: list[tuple[ScheduledSeq, int]]  # (sequence, first row in logit_indices), sampled ones
+    prompt_rows: list[tuple[ScheduledSeq, int, int]]  # (sequence, first row, count) in prompt_indices
+    prompt_indices: torch.Tensor | None  # [P] index into T of prompt positions needing logits
 
 
 class ModelRunner:
-    """Owns the model and the KV cache tensors; executes one step at a time."""
+    """Owns the model, the KV cache tensors and the sampler; executes one step at a time."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheTensors, device: torch.device,
-                 compile_decode: bool = False) -> None:
+                 vocab_size: int, eos_token_ids: list[int], compile_decode: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
         # Decode-only steps all have the same structure (no prefill slices), so one compiled graph
         # with dynamic batch and context sizes serves them all; steps with prefill chunks, whose
         # structure varies, stay eager rather than recompiling. Compiling cuts the per-layer
@@ -51,49 +53,119 @@ class ModelRunner:
         self.decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> StepResult:
+    def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step's forward and pick the next token(s) of every sequence that reached its end."""
         self.kv_cache.copy_blocks(plan.block_copies)
         inputs = self.prepare_inputs(plan.scheduled)
         forward = self.model.forward if inputs.meta.prefills else self.decode_forward
         hidden = forward(inputs.input_ids, inputs.positions, self.kv_cache.layers, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        prompt_logits: dict[int, torch.Tensor] = {}
-        if inputs.extra_indices is not None:
-            extra = self.model.compute_logits(hidden[inputs.extra_indices])
-            for seq_id, (start, length) in inputs.prompt_rows.items():
-                prompt_logits[seq_id] = extra[start:start + length]
-        return StepResult(logits, inputs.sampled, prompt_logits)
+        out = ModelRunnerOutput()
+        if inputs.logit_rows:
+            logits = self.model.compute_logits(hidden[inputs.logit_indices])  # [R, V]
+            self._sample(inputs.logit_rows, logits, out)
+        if inputs.prompt_indices is not None:
+            self._prompt_logprobs(inputs, self.model.compute_logits(hidden[inputs.prompt_indices]), out)
+        return out
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         ids: list[int] = []
         positions: list[int] = []
         slices: list[SeqSlice] = []
-        sample_indices: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        extra: list[int] = []
-        prompt_rows: dict[int, tuple[int, int]] = {}
+        logit_indices: list[int] = []
+        logit_rows: list[tuple[ScheduledSeq, int]] = []
+        prompt_indices: list[int] = []
+        prompt_rows: list[tuple[ScheduledSeq, int, int]] = []
         for s in scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            offset = len(ids)
-            ids.extend(seq.token_ids[start:end])
+            start, end, offset = s.start, s.start + s.num_new_tokens, len(ids)
+            ids.extend(s.input_token_ids())
             positions.extend(range(start, end))
-            slices.append(SeqSlice(seq.block_table, start, s.num_new_tokens))
+            slices.append(SeqSlice(s.block_table, start, s.num_new_tokens))
             if s.samples:
-                sample_indices.append(offset + s.num_new_tokens - 1)
-                sampled.append(s)
-            if s.request.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                logit_rows.append((s, len(logit_indices)))
+                logit_indices.extend(range(offset + s.num_new_tokens - s.num_logit_rows, offset + s.num_new_tokens))
+            num_prompt = s.seq.num_prompt_tokens
+            if s.request.params.prompt_logprobs is not None and start < num_prompt - 1:
                 # logits at prompt positions [start, min(end, P-1)) predict prompt tokens start+1 ..
-                stop = min(end, seq.num_prompt_tokens - 1)
-                prompt_rows[seq.seq_id] = (len(extra), stop - start)
-                extra.extend(range(offset, offset + stop - start))
+                count = min(end, num_prompt - 1) - start
+                prompt_rows.append((s, len(prompt_indices), count))
+                prompt_indices.extend(range(offset, offset + count))
         dev = self.device
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            meta=AttentionMetadata.build(slices, self.kv_cache.block_size, dev),
-            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=dev),
-            sampled=sampled,
-            prompt_rows=prompt_rows,
-            extra_indices=torch.tensor(extra, dtype=torch.long, device=dev) if extra else None,
-        )
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        return StepInputs(tensor(ids), tensor(positions), AttentionMetadata.build(slices, self.kv_cache.block_size, dev),
+                          tensor(logit_indices), logit_rows, prompt_rows,
+                          tensor(prompt_indices) if prompt_indices else None)
+
+    # ---- sampling ---------------------------------------------------------------------------
+
+    def _sample(self, logit_rows: list[tuple[ScheduledSeq, int]], logits: torch.Tensor,
+                out: ModelRunnerOutput) -> None:
+        """Beam rows are handed back raw; every other row goes through the sampling pipeline at once."""
+        rows: list[SampleRow] = []
+        index: list[int] = []
+        for s, first in logit_rows:
+            if s.request.params.use_beam_search:
+                out.beam_logits[s.seq.seq_id] = logits[first]
+            else:
+                for row, source in self._sample_rows(s, first):
+                    rows.append(row)
+                    index.append(source)
+        if not rows:
+            return
+        batch = SamplingBatch.build(rows, self.vocab_size, self.eos_token_ids, logits.device)
+        result = self.sampler(logits.index_select(0, torch.tensor(index, device=logits.device)), batch)
+        position = 0
+        for s, _ in logit_rows:
+            if s.request.params.use_beam_search:
+                continue
+            count = s.num_samples if s.num_samples > 1 else s.num_logit_rows
+            picked = range(position, position + count)
+            position += count
+            if s.num_samples > 1:  # n samples of one row: one token each
+                out.sampled[s.seq.seq_id] = [_tokens(result, [i], s) for i in picked]
+            else:  # one token, or the verified run of drafts plus one
+                out.sampled[s.seq.seq_id] = [_tokens(result, _accepted(list(picked), result.token_ids,
+                                                                        s.draft_token_ids), s)]
+
+    @staticmethod
+    def _sample_rows(s: ScheduledSeq, first: int) -> list[tuple[SampleRow, int]]:
+        """The sampler rows of one sequence: one per sample of a fan-out, else one per logit row."""
+        request, seq = s.request, s.seq
+        if s.num_samples > 1:
+            return [(SampleRow(request.params, seq.prompt_token_ids, [], request.sample_generators[i]), first)
+                    for i in range(s.num_samples)]
+        outputs = seq.output_token_ids
+        # row j follows draft tokens 0..j-1: they count as output for the penalties
+        return [(SampleRow(request.params, seq.prompt_token_ids, outputs + s.draft_token_ids[:j], seq.generator),
+                 first + j) for j in range(s.num_logit_rows)]
+
+    def _prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor, out: ModelRunnerOutput) -> None:
+        for s, first, count in inputs.prompt_rows:
+            targets = s.seq.token_ids[s.start + 1:s.start + 1 + count]
+            out.prompt_logprobs[s.seq.seq_id] = token_logprobs(logits[first:first + count], targets,
+                                                               s.request.params.prompt_logprobs)
+
+
+def _accepted(rows: list[int], sampled: list[int], drafts: list[int]) -> list[int]:
+    """Rows whose tokens are kept: the sampled token at each position, as long as the draft there was
+    right. Each kept token was drawn from the model's own distribution given the tokens before it,
+    so the output is distributed exactly as without drafts."""
+    kept = []
+    for j, row in enumerate(rows):
+        kept.append(row)
+        if j >= len(drafts) or sampled[row] != drafts[j]:
+            break
+    return kept
+
+
+def _tokens(result, rows: list[int], s: ScheduledSeq) -> SampledTokens:
+    """The sampler's results at ``rows`` as one sequence's tokens."""
+    params = s.request.params
+    top = None
+    if params.logprobs is not None:
+        top = [TokenLogprobs(result.token_ids[r], result.logprobs[r], result.ranks[r], result.top_logprobs[r])
+               for r in rows]
+    processed = [result.processed_top[r] for r in rows] if params.return_processed_topk else None
+    return SampledTokens([result.token_ids[r] for r in rows], [result.logprobs[r] for r in rows], top, processed)

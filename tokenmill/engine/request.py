@@ -1,8 +1,12 @@
-"""Request and Sequence: the state the engine keeps for each prompt and each of its samples.
+"""Request and Sequence: the engine core's state for each prompt and each of its samples.
 
 A Request is what a user submitted (one prompt, one SamplingParams). It owns one or more
 Sequences: one while its prompt is prefilled, then ``n`` samples or ``num_beams`` beams
 forked from it, which share the prompt's KV blocks.
+
+Only the scheduler changes these objects (``Scheduler.update_from_output`` and the methods it
+calls); the model runner and the sampler read them. Text lives on the API side
+(``OutputProcessor``): the core works in token ids.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.outputs import PositionLogprobs, RequestMetrics
+from tokenmill.outputs import RequestMetrics
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -35,27 +39,33 @@ class FinishReason(enum.Enum):
 
 
 @dataclass
+class TokenLogprobs:
+    """Raw logprobs of one chosen token: its own (with its rank) and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int | None  # 1 = most likely under the raw distribution
+    top: dict[int, float] = field(default_factory=dict)  # the k best token ids -> logprob
+
+
+@dataclass
 class Sequence:
-    """One stream of tokens: the prompt followed by the tokens generated so far."""
+    """One stream of tokens: the prompt followed by the tokens generated so far.
+
+    Its KV blocks are held by the KVCacheManager under ``seq_id``.
+    """
 
     seq_id: int
     token_ids: list[int]
     num_prompt_tokens: int
-    block_table: list[int] = field(default_factory=list)
+    index: int = 0  # sample index in its request (beams: renumbered by rank each step)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     cumulative_logprob: float = 0.0
-    logprobs: list[PositionLogprobs] | None = None
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    text: str = ""  # text released to the client so far
-    detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
-    # What changed since the last RequestOutput (reset when the engine reports it).
-    delta_token_ids: list[int] = field(default_factory=list)
-    delta_text: str = ""
-    delta_logprobs: list[PositionLogprobs] = field(default_factory=list)
-    # Playground: per generated token, the top (token id, probability) after all sampling controls.
-    processed_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Draft tokens proposed to follow token_ids, verified in the next forward (speculative decoding).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -95,10 +105,13 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     seqs: list[Sequence] = field(default_factory=list)
     metrics: RequestMetrics = None  # type: ignore[assignment]
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-    prompt_logits_chunks: list[torch.Tensor] = field(default_factory=list)  # until the prompt is done
+    cache_salt: str | None = None  # extra prefix-cache key: requests with different salts never share KV
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first scheduling (-1: not yet)
+    # Raw prompt logprobs, one entry per prompt position (None for the first), filled chunk by chunk.
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
+    # Samples 1..n-1 are forked from sample 0 when the prompt is done; each draws from its own generator.
+    sample_generators: list[torch.Generator | None] = field(default_factory=list)
     beam_state: Any = None  # engine.beam_search.BeamGroup for num_beams > 1
-    seed: int = 0  # of the first sample's generator; sample i is seeded from it and i
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -415,29 +415,25 @@ def _processed_top(final: torch.Tensor | None, token_ids: torch.Tensor,
     return tops
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: list[int],
-                    k: int) -> list[dict[int, tuple[float, int]] | None]:
-    """Raw logprobs of the prompt tokens.
+def token_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[dict[int, tuple[float, int]]]:
+    """Raw logprobs of given tokens (prompt logprobs): row i of logits [N, V] is scored on target_ids[i].
 
-    logits [P-1, V]: row i predicts prompt token i+1. Returns P entries; the first is None (no
-    token predicts it), the others map token id -> (logprob, rank) for the actual token and the
-    k most likely tokens at that position.
+    Each entry maps token id -> (logprob, rank) for the target token and the k most likely tokens.
     """
-    num = len(prompt_token_ids)
-    if logits.shape[0] != num - 1:
-        raise ValueError(f"prompt_logprobs: expected {num - 1} rows of logits, got {logits.shape[0]}")
-    entries: list[dict[int, tuple[float, int]] | None] = [None]
-    if num <= 1:
-        return entries
-    logprobs = logits.float().log_softmax(dim=-1)  # [P-1, V]
-    actual = torch.tensor(prompt_token_ids[1:], device=logits.device).unsqueeze(1)  # [P-1, 1]
-    actual_lp = logprobs.gather(1, actual)  # [P-1, 1]
+    if logits.shape[0] != len(target_ids):
+        raise ValueError(f"token_logprobs: {logits.shape[0]} rows of logits for {len(target_ids)} tokens")
+    if not target_ids:
+        return []
+    logprobs = logits.float().log_softmax(dim=-1)  # [N, V]
+    actual = torch.tensor(target_ids, device=logits.device).unsqueeze(1)  # [N, 1]
+    actual_lp = logprobs.gather(1, actual)  # [N, 1]
     ranks = ((logprobs > actual_lp).sum(dim=-1) + 1).tolist()
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], actual[:, :0])
     top_values_l, top_ids_l, actual_l = top_values.tolist(), top_ids.tolist(), actual_lp.squeeze(1).tolist()
-    for i, token in enumerate(prompt_token_ids[1:]):
-        entry = {tid: (lp, rank) for rank, (tid, lp) in enumerate(zip(top_ids_l[i], top_values_l[i],
-                                                                       strict=True), start=1)}
+    entries = []
+    for i, token in enumerate(target_ids):
+        entry = {tid: (lp, rank) for rank, (tid, lp) in enumerate(zip(top_ids_l[i], top_values_l[i], strict=True),
+                                                                   start=1)}
         entry[token] = (actual_l[i], ranks[i])
         entries.append(entry)
     return entries

@@ -1,69 +1,114 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching, and the only place a request's state changes.
 
-Each step mixes decodes (one token per running sequence) and prefill chunks (prompt tokens of
-new or preempted requests) under a token budget (``max_num_batched_tokens``) and a sequence cap
-(``max_num_seqs``). Requests are served first come, first served. When the KV cache runs out of
-blocks, the newest running request is preempted: its blocks are freed and it goes back to the
-front of the waiting queue, to be recomputed later (its generated tokens are kept).
+``schedule()`` plans a step: decodes (one token per running sequence, or 1 + drafts) and
+prefill chunks (prompt tokens of new or preempted requests) under a token budget
+(``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``), first come first served.
+A new request first takes the longest cached prefix of its prompt from the KVCacheManager and
+computes only the rest. When the KV cache runs out of blocks, the newest running request is
+preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed later (its generated tokens are kept; the prefix cache usually still holds them).
+
+``update_from_output()`` applies the runner's answer: computed tokens, appended tokens, stop
+checks, forks (n samples, beams), finishing and freeing.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from tokenmill.engine.kv_cache import BlockCopy, BlockManager, NoFreeBlocks
-from tokenmill.engine.request import Request, RequestStatus, Sequence
+import torch
+
+from tokenmill.engine.beam_search import BeamSearch
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import FinishReason, Request, RequestStatus, Sequence
+from tokenmill.engine.step import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    SampledTokens,
+    ScheduledSeq,
+    SchedulerOutput,
+    SeqDelta,
+)
+from tokenmill.engine.stopping import check_stop
 
 
 @dataclass
-class ScheduledSeq:
-    """One sequence of the step and the number of its tokens computed in this step."""
+class SchedulerCounters:
+    """Totals since start, for metrics."""
 
-    request: Request
-    seq: Sequence
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last token, so its next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    """The plan of one step: decodes first, then prefill chunks."""
-
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    block_copies: list[BlockCopy] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # tokens of newly scheduled sequences looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was reused
+    last_step_prefill_tokens: int = 0
+    last_step_decode_tokens: int = 0
 
 
 class Scheduler:
-    """Holds the waiting and running queues and plans each step."""
+    """Holds the waiting and running queues, plans each step and applies its results."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.blocks = block_manager
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: list[int], max_model_len: int, tokenizer: Any = None) -> None:
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.beam_search = BeamSearch(self, tokenizer)  # changes beams only through fork/free/append/rank
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions_total = 0
+        self.requests: dict[str, Request] = {}
+        self.counters = SchedulerCounters()
+        self._seq_ids = 0
 
-    def add(self, request: Request) -> None:
+    # ---- requests in and out ----------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (its first sequence is made here)."""
+        if not request.seqs:
+            request.seqs.append(self.new_sequence(request, list(request.prompt_token_ids),
+                                                  request.sample_generators[0] if request.sample_generators else None))
+        self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.counters.prompt_tokens += len(request.prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> EngineCoreOutput | None:
+        """End every live sequence of the request ("abort") and free its blocks; None if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        live = request.live_seqs
+        if request.params.use_beam_search:  # report the best n beams so far, whole
+            live = sorted(live, key=lambda s: -s.cumulative_logprob)[:request.params.n]
+            deltas = [SeqDelta(i, list(s.output_token_ids), None, None, s.cumulative_logprob, FinishReason.ABORT)
+                      for i, s in enumerate(live)]
+        else:
+            deltas = [SeqDelta(s.index, cumulative_logprob=s.cumulative_logprob, finish_reason=FinishReason.ABORT)
+                      for s in live]
+        for seq in request.live_seqs:
+            self._finish_sequence(seq, FinishReason.ABORT, None)
+        self._finish_request(request)
+        return self._core_output(request, deltas, replace=request.params.use_beam_search)
+
+    def stop_sequence(self, request_id: str, index: int, stop_string: str) -> None:
+        """The API side found a stop string in sample ``index``: end it now and free its blocks."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.live_seqs:
+            if seq.index == index:
+                self._finish_sequence(seq, FinishReason.STOP, stop_string)
+        if not request.live_seqs:
+            self._finish_request(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    # ---- planning ---------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step: running requests first (oldest first), then waiting ones while room remains."""
@@ -76,37 +121,67 @@ class Scheduler:
             for seq in request.live_seqs:
                 if budget <= 0 or num_seqs >= self.max_num_seqs:
                     break
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if n <= 0:
-                    continue
-                if not self._allocate_or_preempt(request, seq, n, out):
+                scheduled = self._schedule_running(request, seq, budget, out)
+                if scheduled is None:
                     break  # the request itself was preempted: its other sequences (beams, samples) wait too
-                out.scheduled.append(ScheduledSeq(request, seq, n))
-                budget -= n
-                num_seqs += 1
+                if scheduled.num_new_tokens:
+                    out.scheduled.append(scheduled)
+                    budget -= scheduled.num_new_tokens
+                    num_seqs += 1
         while self.waiting and budget > 0 and num_seqs < self.max_num_seqs:
-            request = self.waiting[0]
-            added = self._admit(request, budget, self.max_num_seqs - num_seqs, out)
+            added = self._admit(self.waiting[0], budget, self.max_num_seqs - num_seqs, out)
             if not added:
                 break
             budget -= sum(s.num_new_tokens for s in added)
             num_seqs += len(added)
-        # decodes first: the attention metadata expects single-token sequences at the front
+        # single-token decodes first: the attention metadata expects them at the front
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        self._count_step(out)
         return out
+
+    def _schedule_running(self, request: Request, seq: Sequence, budget: int,
+                          out: SchedulerOutput) -> ScheduledSeq | None:
+        """Plan seq's next tokens (with its drafts when decoding); None when its request got preempted."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        drafts = []
+        if remaining == 1 and seq.draft_token_ids:
+            room = min(budget - 1, self.max_model_len - seq.num_tokens)
+            drafts = seq.draft_token_ids[:max(0, room)]
+        n = min(remaining + len(drafts), budget)
+        if n <= 0:
+            return ScheduledSeq(request, seq, 0, seq.num_computed_tokens, [])
+        while True:
+            copies = self.kv.allocate_slots(seq, n)
+            if copies is not None:
+                out.block_copies += copies
+                return self._scheduled(request, seq, n, drafts)
+            victim = self.running[-1]
+            self.preempt(victim, out)
+            if victim is request:
+                return None
 
     def _admit(self, request: Request, budget: int, seq_room: int, out: SchedulerOutput) -> list[ScheduledSeq]:
         """Move the first waiting request to running if at least its first chunk fits."""
         added: list[ScheduledSeq] = []
         for seq in request.live_seqs[:seq_room]:
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # prompt logprobs need the logits of every prompt position: nothing may come from the cache
+            if request.params.prompt_logprobs is None:
+                cached_blocks, num_cached = self.kv.get_computed_blocks(seq, request.cache_salt)
+            else:
+                cached_blocks, num_cached = [], 0
+            n = min(seq.num_tokens - seq.num_computed_tokens - num_cached, budget)
             if n <= 0:
                 break
-            try:
-                out.block_copies += self.blocks.allocate(seq, seq.num_computed_tokens + n)
-            except NoFreeBlocks:
+            copies = self.kv.allocate_slots(seq, n, new_computed_blocks=cached_blocks)
+            if copies is None:
                 break
-            added.append(ScheduledSeq(request, seq, n))
+            out.block_copies += copies
+            seq.num_computed_tokens += num_cached
+            self.counters.prefix_cache_queries += seq.num_tokens
+            self.counters.prefix_cache_hits += num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = min(num_cached, len(request.prompt_token_ids))
+            added.append(self._scheduled(request, seq, n, []))
             budget -= n
         if added:
             self.waiting.popleft()
@@ -117,37 +192,189 @@ class Scheduler:
             out.scheduled += added
         return added
 
-    def _allocate_or_preempt(self, request: Request, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Allocate blocks for n more tokens of seq, preempting the newest other requests when short."""
-        while True:
-            try:
-                out.block_copies += self.blocks.allocate(seq, seq.num_computed_tokens + n)
-                return True
-            except NoFreeBlocks:
-                victim = self.running[-1]
-                self.preempt(victim, out)
-                if victim is request:
-                    return False
+    def _scheduled(self, request: Request, seq: Sequence, n: int, drafts: list[int]) -> ScheduledSeq:
+        params = request.params
+        fan_out = (params.n > 1 and not params.use_beam_search and len(request.seqs) == 1
+                   and seq.num_output_tokens == 0)
+        start = seq.num_computed_tokens
+        return ScheduledSeq(request, seq, n, start, self.kv.block_table(seq), list(drafts),
+                            num_samples=params.n if fan_out else 1,
+                            samples=start + n - len(drafts) == seq.num_tokens)
 
     def preempt(self, request: Request, out: SchedulerOutput | None = None) -> None:
         """Free all of request's blocks and put it back at the front of the waiting queue."""
         for seq in request.seqs:
-            self.blocks.free(seq)
+            self.kv.free(seq)
             seq.num_computed_tokens = 0
+            seq.draft_token_ids = []
         self.running.remove(request)
         self.waiting.appendleft(request)
         request.status = RequestStatus.WAITING
-        self.num_preemptions_total += 1
+        self.counters.preemptions += 1
         if out is not None:
             out.preempted.append(request)
             out.scheduled = [s for s in out.scheduled if s.request is not request]
 
-    def finish(self, request: Request) -> None:
-        """Remove a finished or aborted request and free its blocks."""
+    def _count_step(self, out: SchedulerOutput) -> None:
+        decode = sum(s.num_new_tokens for s in out.scheduled if s.start == s.seq.num_tokens - 1)
+        self.counters.last_step_decode_tokens = decode
+        self.counters.last_step_prefill_tokens = out.num_tokens - decode
+
+    # ---- applying the results ---------------------------------------------------------------
+
+    def update_from_output(self, plan: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply one step's results; returns a report for every request that changed."""
+        now = time.perf_counter()
+        deltas: dict[str, list[SeqDelta]] = {}
+        beam_rows: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        for s in plan.scheduled:
+            request, seq = s.request, s.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += s.num_new_tokens - len(s.draft_token_ids)
+            seq.draft_token_ids = []
+            self.kv.cache_full_blocks(seq, request.cache_salt)
+            self._add_prompt_logprobs(request, s, out)
+            if not s.samples:
+                continue
+            if request.params.use_beam_search:
+                beam_rows.setdefault(request.request_id, []).append((seq, out.beam_logits[seq.seq_id]))
+            else:
+                samples = out.sampled[seq.seq_id]
+                targets = self._fan_out(request, seq, len(samples))
+                request_deltas = deltas.setdefault(request.request_id, [])
+                for target, sampled in zip(targets, samples, strict=True):
+                    request_deltas.append(self._append_sampled(request, target, sampled, len(s.draft_token_ids)))
+                _mark_token_time(request, now)
+        outputs = [self._after_step(self.requests[rid], d) for rid, d in deltas.items()]
+        for request_id, rows in beam_rows.items():
+            request = self.requests[request_id]
+            if self.beam_search.step(request, rows):  # a search step ran: every beam got a token
+                _mark_token_time(request, now)
+                if not request.live_seqs:
+                    outputs.append(self._after_step(request, []))
+        return outputs
+
+    def _add_prompt_logprobs(self, request: Request, s: ScheduledSeq, out: ModelRunnerOutput) -> None:
+        entries = out.prompt_logprobs.get(s.seq.seq_id)
+        if entries is None or request.prompt_logprobs is None:
+            return
+        if s.start == 0:
+            request.prompt_logprobs = [None]  # a recompute after preemption starts over
+        request.prompt_logprobs += entries
+
+    def _fan_out(self, request: Request, seq: Sequence, num_samples: int) -> list[Sequence]:
+        """seq, plus num_samples - 1 forks of it (the n samples of a request at its first token)."""
+        targets = [seq]
+        for index in range(1, num_samples):
+            targets.append(self.fork(request, seq, request.sample_generators[index], index=index))
+        return targets
+
+    def _append_sampled(self, request: Request, seq: Sequence, sampled: SampledTokens,
+                        num_drafts: int) -> SeqDelta:
+        """Append the sampled tokens to seq one by one until one ends it; keep the KV of accepted drafts."""
+        delta = SeqDelta(seq.index, new_logprobs=[] if sampled.top is not None else None,
+                         new_processed_top=[] if sampled.processed_top is not None else None)
+        for i, token in enumerate(sampled.token_ids):
+            self.append(request, seq, token, seq.cumulative_logprob + sampled.logprobs[i])
+            delta.new_token_ids.append(token)
+            if delta.new_logprobs is not None:
+                delta.new_logprobs.append(sampled.top[i])
+            if delta.new_processed_top is not None:
+                delta.new_processed_top.append(sampled.processed_top[i])
+            stop = check_stop(seq, request.params, self.eos_token_ids, self.max_model_len)
+            if stop is not None:
+                self._finish_sequence(seq, *stop)
+                break
+        if num_drafts and not seq.is_finished:
+            # drafts before the last accepted token were right: their K/V (computed this step) stay;
+            # the slots of the rejected ones are given back
+            seq.num_computed_tokens = seq.num_tokens - 1
+            self.kv.truncate(seq, seq.num_computed_tokens)
+            self.kv.cache_full_blocks(seq, request.cache_salt)
+        delta.cumulative_logprob = seq.cumulative_logprob
+        delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
+        return delta
+
+    def _after_step(self, request: Request, deltas: list[SeqDelta]) -> EngineCoreOutput:
+        if not request.live_seqs and not request.is_finished:
+            self._finish_request(request)
+        return self._core_output(request, deltas)
+
+    def _core_output(self, request: Request, deltas: list[SeqDelta], replace: bool = False) -> EngineCoreOutput:
+        done = request.is_finished
+        beam = not replace and request.params.use_beam_search and done and request.beam_state is not None
+        prompt_complete = request.prompt_logprobs is not None and len(request.prompt_logprobs) >= \
+            len(request.prompt_token_ids)
+        return EngineCoreOutput(
+            request.request_id, self.beam_search.final_deltas(request) if beam else deltas, done,
+            request.metrics, max(request.num_cached_tokens, 0),
+            prompt_logprobs=request.prompt_logprobs if prompt_complete else None,
+            replace=beam or replace,
+            beam_trace=request.beam_state.trace if beam and request.beam_state.keep_trace else None)
+
+    # ---- the narrow interface beam search (and the fan-out) use ---------------------------------
+
+    def new_sequence(self, request: Request, token_ids: list[int], generator: torch.Generator | None,
+                     index: int = 0) -> Sequence:
+        self._seq_ids += 1
+        return Sequence(self._seq_ids, token_ids, len(request.prompt_token_ids), index=index,
+                        generator=generator)
+
+    def fork(self, request: Request, parent: Sequence, generator: torch.Generator | None = None,
+             index: int | None = None) -> Sequence:
+        """A new sequence of request sharing parent's tokens and KV blocks (parent's generator unless given)."""
+        child = self.new_sequence(request, list(parent.token_ids), generator or parent.generator,
+                                  index=len(request.seqs) if index is None else index)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.cumulative_logprob = parent.cumulative_logprob
+        self.kv.fork(parent, child)
+        request.seqs.append(child)
+        return child
+
+    def append(self, request: Request, seq: Sequence, token: int, cumulative_logprob: float) -> None:
+        """Append one generated token to seq."""
+        seq.token_ids.append(token)
+        seq.cumulative_logprob = cumulative_logprob
+        request.metrics.num_generated_tokens += 1
+        self.counters.generation_tokens += 1
+
+    def free(self, seq: Sequence) -> None:
+        """Give back seq's KV blocks (a beam that was dropped or finished)."""
+        self.kv.free(seq)
+
+    def rank(self, request: Request, seqs: list[Sequence]) -> None:
+        """Set request's sequences, in rank order (beam search, after each of its steps)."""
+        for index, seq in enumerate(seqs):
+            seq.index = index
+        request.seqs = seqs
+
+    # ---- the end ----------------------------------------------------------------------------
+
+    def _finish_sequence(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None) -> None:
+        if seq.is_finished:
+            return
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.kv.free(seq)
+
+    def _finish_request(self, request: Request) -> None:
+        """Remove a finished or aborted request and free all its blocks."""
         for seq in request.seqs:
-            self.blocks.free(seq)
+            self.kv.free(seq)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
+        if request.metrics.finished_time is None:
+            request.metrics.finished_time = time.perf_counter()
+        self.requests.pop(request.request_id, None)
+
+
+def _mark_token_time(request: Request, now: float) -> None:
+    m = request.metrics
+    if m.first_token_time is None:
+        m.first_token_time = now
+    if m.last_token_time != now:
+        m.num_token_steps += 1
+    m.last_token_time = now

@@ -104,7 +104,7 @@ async def _load(config: EngineConfig, state: ServerState, on_load_error: Callabl
         return
     engine.start()
     state.engine = engine
-    logger.info("model %s loaded; ready", engine.engine.model_name)
+    logger.info("model %s loaded; ready", engine.info.model_name)
 
 
 async def _metrics(request: Request) -> Response:

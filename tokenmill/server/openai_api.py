@@ -45,7 +45,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    engine = state.ready_engine().engine
+    engine = state.ready_engine().info
     return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                         "owned_by": "tokenmill", "max_model_len": engine.max_model_len}]}
 
@@ -58,7 +58,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
         raise ApiError(400, "suffix is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo together with logprobs is not supported", param="echo")
-    tokenizer = state.ready_engine().engine.tokenizer
+    tokenizer = state.ready_engine().info.tokenizer
     prompts, texts = _completion_prompts(body.prompt, tokenizer)
     params = build_params(body, body.max_tokens, body.logprobs)
     engine = _admit(state, prompts, body.max_tokens, "max_tokens")
@@ -79,7 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     state = get_state(request)
     state.check_model(body.model)
     _reject_unsupported_chat(body)
-    tokenizer = state.ready_engine().engine.tokenizer
+    tokenizer = state.ready_engine().info.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

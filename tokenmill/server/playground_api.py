@@ -130,7 +130,7 @@ async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[st
     """Split text into tokens: ids, token strings, per-token text and character spans."""
     state = get_state(request)
     state.check_model(body.model)
-    tokenizer = state.ready_engine().engine.tokenizer
+    tokenizer = state.ready_engine().info.tokenizer
     text = prompt_text(tokenizer, body.text, body.chat_template,
                        add_generation_prompt=body.add_generation_prompt)
     ids = encode_prompt(tokenizer, text, body.chat_template)
@@ -154,7 +154,7 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
     if not 1 <= body.top_n <= MAX_LOGPROBS:
         raise ApiError(400, f"top_n must be in [1, {MAX_LOGPROBS}], got {body.top_n}", param="top_n")
     engine = check_admission(state, 1)
-    llm = engine.engine
+    llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
     check_context(engine, len(ids), body.max_tokens, "max_tokens")
@@ -167,7 +167,7 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
 
 
 async def _step_events(engine: Any, streams: list, start: dict[str, Any]) -> AsyncIterator[str]:
-    llm = engine.engine
+    llm = engine.info
     yield sse(start)
     num_seen = 0
     try:
@@ -253,7 +253,7 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
     state = get_state(request)
     state.check_model(body.model)
     engine = check_admission(state, 1)
-    llm = engine.engine
+    llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
     check_context(engine, len(ids), body.max_tokens, "max_tokens")
@@ -262,7 +262,7 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
                        param="num_beams")
     params = sampling_params(num_beams=body.num_beams, n=body.num_beams, max_tokens=body.max_tokens,
                              temperature=0.0, length_penalty=body.length_penalty,
-                             early_stopping=body.early_stopping)
+                             early_stopping=body.early_stopping, return_beam_trace=True)
     streams = await add_requests(engine, [ids], params, [text])
     (out,) = await run_to_end(request, engine, streams)
     ranking = [{"rank": i + 1, "text": c.text, "token_ids": c.token_ids,

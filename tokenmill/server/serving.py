@@ -43,7 +43,7 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
-        return self.ready_engine().engine.model_name
+        return self.ready_engine().info.model_name
 
     def check_model(self, requested: str | None) -> None:
         """404 for a model name this server does not serve (None means the default)."""
@@ -69,7 +69,7 @@ def check_admission(state: ServerState, num_requests: int) -> AsyncEngine:
 
 def check_context(engine: AsyncEngine, prompt_len: int, max_tokens: int | None, field_name: str) -> None:
     """400 when the prompt plus the requested tokens cannot fit in the model's context."""
-    max_len = engine.engine.max_model_len
+    max_len = engine.info.max_model_len
     if prompt_len == 0:
         raise ApiError(400, "the prompt is empty", param="prompt")
     if prompt_len + (max_tokens or 1) > max_len:

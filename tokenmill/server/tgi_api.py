@@ -47,7 +47,7 @@ async def health(request: Request) -> Response:
 @router.get("/info")
 async def info(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    engine = state.ready_engine().engine
+    engine = state.ready_engine().info
     cfg = engine.config
     return {
         "model_id": engine.model_name, "model_sha": None, "model_dtype": str(engine.dtype).removeprefix("torch."),
@@ -64,7 +64,7 @@ async def info(request: Request) -> dict[str, Any]:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> list[dict[str, Any]]:
     """TGI's shape: [{id, text, start, stop}] with character offsets into ``inputs``."""
-    tokenizer = get_state(request).ready_engine().engine.tokenizer
+    tokenizer = get_state(request).ready_engine().info.tokenizer
     encoding = tokenizer.backend.encode(body.inputs)  # tokenizers.Encoding: ids and character offsets
     pairs = list(zip(encoding.ids, encoding.offsets, strict=True))
     if body.parameters is not None and body.parameters.truncate:
@@ -113,7 +113,7 @@ async def _submit(body: TgiRequest, request: Request, stream: bool = False) -> _
     p = body.parameters
     _reject_unsupported(p, stream)
     engine = check_admission(state, 1)
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.info.tokenizer
     if not body.inputs:
         raise ApiError(400, "inputs must not be empty", param="inputs")
     if p.truncate is not None and p.truncate < 1:
@@ -198,7 +198,7 @@ def _top_tokens(tokenizer: Any, position: PositionLogprobs | None, k: int, speci
 
 
 def _sequence_details(job: _Job, out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:
-    tokenizer = job.engine.engine.tokenizer
+    tokenizer = job.engine.info.tokenizer
     special = _special_ids(tokenizer)
     positions = c.logprobs or [None] * len(c.token_ids)
     tokens = [_token(tokenizer, t, pos, special) for t, pos in zip(c.token_ids, positions, strict=False)]
@@ -212,7 +212,7 @@ def _sequence_details(job: _Job, out: RequestOutput, c: CompletionOutput) -> dic
 def _prefill(job: _Job, out: RequestOutput) -> list[dict[str, Any]]:
     if not job.body.parameters.decoder_input_details:
         return []
-    tokenizer = job.engine.engine.tokenizer
+    tokenizer = job.engine.info.tokenizer
     positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
     prefill = []
     for token_id, pos in zip(out.prompt_token_ids, positions, strict=False):
@@ -243,7 +243,7 @@ async def _generate_response(job: _Job, request: Request, as_list: bool) -> JSON
 
 
 async def _stream_events(job: _Job) -> AsyncIterator[str]:
-    tokenizer = job.engine.engine.tokenizer
+    tokenizer = job.engine.info.tokenizer
     special = _special_ids(tokenizer)
     k = job.body.parameters.top_n_tokens or 0
     last_token: dict[str, Any] | None = None

@@ -1,0 +1,276 @@
+"""EngineCore: the model, the KV cache and the scheduler; one step is schedule -> execute -> update.
+
+It works in token ids only. Requests and aborts may come from any thread: they go into the
+core's one inbox under its one lock, and the thread that runs ``step()`` drains it. Everything
+else (the scheduler, the runner, the requests' state) is touched only by that thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.kv_cache import KVCacheTensors, bytes_per_block, num_blocks_for_budget
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.step import EngineCoreOutput, SequenceStop
+from tokenmill.model.loading import load_model
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API side may know about the engine (the server reads this, never the engine's insides)."""
+
+    model_name: str
+    tokenizer: Any  # tokenmill.model.tokenizer.Tokenizer
+    model_config: ModelConfig
+    config: EngineConfig
+    max_model_len: int
+    eos_token_ids: list[int]
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int
+    num_blocks: int
+    kv_cache_bytes: int
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for metrics and the /metrics endpoint."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions_total: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    tokens_prefilled_last_step: int = 0
+    tokens_decoded_last_step: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens found (their KV reused, not recomputed)
+    kv_blocks_cached_free: int = 0  # unused blocks still holding a cached prefix (reusable, evictable)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests that can have caused it were aborted and are named here."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {cause}")
+        self.request_ids = request_ids
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class EngineCore:
+    """Continuous batching over a paged KV cache with prefix caching."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(config, dtype, device)
+        max_model_len = _max_model_len(config, loaded.config, loaded.model)
+        eos = sorted(set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids))
+        num_blocks = num_blocks_for_budget(loaded.config, config.block_size, dtype, device, config.kv_cache_memory_gb)
+        cache_bytes = num_blocks * bytes_per_block(loaded.config, config.block_size, dtype)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB; prefix caching %s", num_blocks,
+                    config.block_size, num_blocks * config.block_size, cache_bytes / 2**20,
+                    "on" if config.enable_prefix_caching else "off")
+        self.info = EngineInfo(loaded.name, loaded.tokenizer, loaded.config, config, max_model_len, eos, dtype,
+                               device, config.block_size, num_blocks, cache_bytes)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        cache = KVCacheTensors(loaded.config, num_blocks, config.block_size, dtype, device)
+        self.runner = ModelRunner(loaded.model, cache, device, loaded.config.vocab_size, eos,
+                                  compile_decode=config.compile)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, eos,
+                                   max_model_len, loaded.tokenizer)
+        self._cond = threading.Condition()  # the one lock: guards the inbox
+        self._inbox: list[Request | _Abort] = []
+        self._ids_in_inbox: set[str] = set()
+        self._rng = random.Random(config.seed)
+        if config.compile:
+            self._warm_up_compiled_decode()
+
+    # ---- any thread -------------------------------------------------------------------------
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Queue a request; raises ValueError when it can never fit or names an unknown token."""
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        request = Request(request_id, list(prompt_token_ids), params, prompt=prompt,
+                          arrival_time=arrival_time or time.perf_counter(), cache_salt=cache_salt)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        # each sample draws from its own stream, so which samples share a step never changes the result
+        request.sample_generators = [self._generator((seed + i * 0x9E3779B9) % (1 << 63)) for i in range(params.n)]
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        with self._cond:
+            if request_id in self._ids_in_inbox or request_id in self.scheduler.requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._ids_in_inbox.add(request_id)
+            self._inbox.append(request)
+            self._cond.notify_all()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed and it is reported finished ("abort") by the next step."""
+        with self._cond:
+            self._inbox.append(_Abort(request_id))
+            self._cond.notify_all()
+
+    def has_unfinished(self) -> bool:
+        with self._cond:
+            return bool(self._inbox) or self.scheduler.has_unfinished()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until there is something to step (or wake() / timeout); True when there is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._inbox or self.scheduler.has_unfinished(), timeout)
+
+    def wake(self) -> None:
+        """Wake a thread blocked in wait_for_work (e.g. to shut down)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            num_new = sum(1 for item in self._inbox if isinstance(item, Request))
+        c, kv = self.scheduler.counters, self.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting) + num_new,
+            num_preemptions_total=c.preemptions, kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks,
+            prompt_tokens_total=c.prompt_tokens, generation_tokens_total=c.generation_tokens,
+            tokens_prefilled_last_step=c.last_step_prefill_tokens, tokens_decoded_last_step=c.last_step_decode_tokens,
+            prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
+            kv_blocks_cached_free=kv.num_cached_free_blocks)
+
+    # ---- the stepping thread ----------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one step; returns a report for every request that changed (aborted ones included).
+
+        Raises EngineStepError when the forward or the update fails: the requests that can have
+        caused it are aborted first (their blocks freed) so the next step goes on without them.
+        """
+        new_ids, outputs = self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        try:
+            result = self.runner.execute(plan)
+            return outputs + self.scheduler.update_from_output(plan, result)
+        except Exception as exc:
+            # A request that breaks the engine almost always does so on its first step, so the ones
+            # added just now are the suspects; with none we cannot tell and end every running one.
+            suspects = [r for r in new_ids if r in self.scheduler.requests] or list(self.scheduler.requests)
+            logger.error("engine step failed; aborting request(s) %s", suspects, exc_info=exc)
+            for request_id in suspects:
+                self.scheduler.abort_request(request_id)
+            raise EngineStepError(suspects, exc) from exc
+
+    def stop_sequences(self, stops: list[SequenceStop]) -> None:
+        """End samples whose text matched a stop string (from the OutputProcessor, on the stepping thread)."""
+        for stop in stops:
+            self.scheduler.stop_sequence(stop.request_id, stop.index, stop.stop_string)
+
+    def _drain_inbox(self) -> tuple[list[str], list[EngineCoreOutput]]:
+        with self._cond:
+            items, self._inbox = self._inbox, []
+            self._ids_in_inbox.clear()
+        new_ids, outputs = [], []
+        for item in items:
+            if isinstance(item, Request):
+                self.scheduler.add_request(item)
+                new_ids.append(item.request_id)
+            else:
+                aborted = self.scheduler.abort_request(item.request_id)
+                if aborted is not None:
+                    outputs.append(aborted)
+        return new_ids, outputs
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the problem when a request can never run here."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.info.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be < vocab size {vocab}; got {bad[:5]}")
+        n_prompt, limit = len(prompt_token_ids), self.info.max_model_len
+        needed = n_prompt + (params.max_tokens or 1)
+        if needed > limit:
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {needed} exceeds the "
+                f"context length of {limit} tokens")
+        # After a preemption every sample / beam is recomputed on its own: all of them must fit at once.
+        streams = max(params.n, params.num_beams)
+        blocks = self.kv.blocks_for(needed) * streams
+        if blocks > self.kv.num_blocks:
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) for {streams} "
+                             f"sequence(s) needs {blocks} KV blocks but the cache has only {self.kv.num_blocks}")
+
+    def _generator(self, seed: int) -> torch.Generator:
+        generator = torch.Generator(device=self.info.device)
+        generator.manual_seed(seed)
+        return generator
+
+    def _warm_up_compiled_decode(self) -> None:
+        """Compile the decode graphs now (one sequence, then several), not in the first user's request."""
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for batch in (1, 2):
+            for i in range(batch):
+                self.add_request([1 + i] * (8 + 3 * i), params, request_id=f"warmup-{batch}-{i}")
+            while self.has_unfinished():
+                self.step()
+        counters = self.scheduler.counters
+        counters.prompt_tokens = counters.generation_tokens = 0
+        counters.prefix_cache_queries = counters.prefix_cache_hits = 0
+
+
+def _max_model_len(config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module) -> int:
+    limit = min(model_config.max_position_embeddings, getattr(model, "max_positions", 1 << 30))
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context length ({limit})")
+    return config.max_model_len or limit
