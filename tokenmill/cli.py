@@ -29,6 +29,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: the first steps compile (about a minute), then decode is faster")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt instead of reusing the KV of prefixes seen before")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -36,7 +38,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory, seed=args.seed, threads=args.threads, compile=args.compile)
+        kv_cache_memory_gb=args.kv_cache_memory, seed=args.seed, threads=args.threads, compile=args.compile,
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
