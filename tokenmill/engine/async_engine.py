@@ -116,6 +116,10 @@ class AsyncEngine:
         """Requests not yet running: submitted but not yet scheduled."""
         return self.engine.stats().num_waiting
 
+    def stats(self):
+        """The engine's stats now (an ``EngineStats``)."""
+        return self.engine.stats()
+
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                           request_id: str | None = None, prompt: str | None = None,
                           cache_salt: str | None = None) -> RequestStream:

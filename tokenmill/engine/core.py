@@ -63,6 +63,7 @@ class EngineStats:
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, tokens found (their KV reused, not recomputed)
     kv_blocks_cached_free: int = 0  # unused blocks still holding a cached prefix (reusable, evictable)
+    requests_received_total: int = 0  # requests the scheduler has taken in (the rest are still in the inbox)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -122,6 +123,7 @@ class EngineCore:
         self._inbox: list[Request | _Abort] = []
         self._ids_in_inbox: set[str] = set()
         self._rng = random.Random(config.seed)
+        self._num_received = 0
         if config.compile:
             self._warm_up_compiled_decode()
 
@@ -178,7 +180,7 @@ class EngineCore:
             prompt_tokens_total=c.prompt_tokens, generation_tokens_total=c.generation_tokens,
             tokens_prefilled_last_step=c.last_step_prefill_tokens, tokens_decoded_last_step=c.last_step_decode_tokens,
             prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
-            kv_blocks_cached_free=kv.num_cached_free_blocks)
+            kv_blocks_cached_free=kv.num_cached_free_blocks, requests_received_total=self._num_received)
 
     # ---- the stepping thread ----------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class EngineCore:
         new_ids, outputs = [], []
         for item in items:
             if isinstance(item, Request):
+                self._num_received += 1
                 self.scheduler.add_request(item)
                 new_ids.append(item.request_id)
             else:
@@ -228,28 +231,7 @@ class EngineCore:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the problem when a request can never run here."""
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.info.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise ValueError(f"{name}: token ids must be < vocab size {vocab}; got {bad[:5]}")
-        n_prompt, limit = len(prompt_token_ids), self.info.max_model_len
-        needed = n_prompt + (params.max_tokens or 1)
-        if needed > limit:
-            raise ValueError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {needed} exceeds the "
-                f"context length of {limit} tokens")
-        # After a preemption every sample / beam is recomputed on its own: all of them must fit at once.
-        streams = max(params.n, params.num_beams)
-        blocks = self.kv.blocks_for(needed) * streams
-        if blocks > self.kv.num_blocks:
-            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) for {streams} "
-                             f"sequence(s) needs {blocks} KV blocks but the cache has only {self.kv.num_blocks}")
+        validate_request(self.info, prompt_token_ids, params)
 
     def _generator(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.info.device)
@@ -267,6 +249,32 @@ class EngineCore:
         counters = self.scheduler.counters
         counters.prompt_tokens = counters.generation_tokens = 0
         counters.prefix_cache_queries = counters.prefix_cache_hits = 0
+
+
+def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """ValueError naming the problem when a request can never run on the engine ``info`` describes."""
+    if not prompt_token_ids:
+        raise ValueError("prompt must not be empty")
+    vocab = info.model_config.vocab_size
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+    for name, ids in (("logit_bias", (params.logit_bias or {}).keys()), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise ValueError(f"{name}: token ids must be < vocab size {vocab}; got {bad[:5]}")
+    n_prompt, limit = len(prompt_token_ids), info.max_model_len
+    needed = n_prompt + (params.max_tokens or 1)
+    if needed > limit:
+        raise ValueError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {needed} exceeds the "
+            f"context length of {limit} tokens")
+    # After a preemption every sample / beam is recomputed on its own: all of them must fit at once.
+    streams = max(params.n, params.num_beams)
+    blocks = -(-needed // info.block_size) * streams
+    if blocks > info.num_blocks:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) for {streams} "
+                         f"sequence(s) needs {blocks} KV blocks but the cache has only {info.num_blocks}")
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module) -> int:

@@ -97,6 +97,8 @@ class OutputProcessor:
 
     def _apply(self, sample: _Sample, delta: SeqDelta) -> str | None:
         """Add delta's tokens to sample's text; returns the stop string when one matched."""
+        if sample.finish_reason is not None:
+            return None  # ended here by a stop string; the core heard of it after one more step
         last = len(delta.new_token_ids) - 1
         for i, token in enumerate(delta.new_token_ids):
             sample.token_ids.append(token)

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.server import openai_api, tgi_api
 from tokenmill.server.protocol import ApiError
@@ -43,20 +44,21 @@ DEFAULT_MAX_QUEUE = 256
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None,
+def create_app(engine: EngineConfig | AsyncEngine | EngineCoreClient, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, model_names: set[str] | None = None,
                on_load_error: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI app.
 
-    engine: an EngineConfig (the app loads the model after startup and shuts the engine down
-    with the app) or a running-or-not AsyncEngine (the caller owns it; the app only starts it).
+    engine: an EngineConfig (after startup the app starts the engine core in its own process,
+    which loads the model, and shuts it down with the app) or a running-or-not AsyncEngine /
+    EngineCoreClient (the caller owns it; the app only starts it).
     api_key: when set, every route but /health, /metrics and the static page needs
     ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for the engine before
     new ones get 429. model_names: extra names accepted in the ``model`` field.
     """
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-    metrics = engine.metrics if isinstance(engine, AsyncEngine) else EngineMetrics()
+    metrics = EngineMetrics() if isinstance(engine, EngineConfig) else engine.metrics
     state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
                         extra_model_names=set(model_names or ()))
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engine, state, on_load_error))
@@ -72,11 +74,11 @@ def create_app(engine: EngineConfig | AsyncEngine, api_key: str | None = None,
     return app
 
 
-def _lifespan(engine: EngineConfig | AsyncEngine, state: ServerState,
+def _lifespan(engine: EngineConfig | AsyncEngine | EngineCoreClient, state: ServerState,
               on_load_error: Callable[[], None] | None) -> Callable[[FastAPI], Any]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if isinstance(engine, AsyncEngine):
+        if not isinstance(engine, EngineConfig):
             engine.start()
             state.engine = engine
             yield
@@ -94,8 +96,13 @@ def _lifespan(engine: EngineConfig | AsyncEngine, state: ServerState,
 
 
 async def _load(config: EngineConfig, state: ServerState, on_load_error: Callable[[], None] | None) -> None:
+    def on_death(reason: str) -> None:  # the core process died: /health turns 503 and the server exits 1
+        state.load_error = reason
+        if on_load_error is not None:
+            on_load_error()
+
     try:
-        engine = await asyncio.to_thread(AsyncEngine.from_config, config, state.metrics)
+        engine = await asyncio.to_thread(EngineCoreClient.from_config, config, state.metrics, on_death)
     except Exception as exc:  # noqa: BLE001 - reported on /health and in the log
         logger.exception("failed to load the model %r", config.model)
         state.load_error = f"failed to load the model {config.model!r}: {exc}"

@@ -1,0 +1,106 @@
+"""``tokenmill serve`` with its default settings, as a real process with its engine core in a child process:
+it answers, and when the core process dies the server says so (503, streams end with an error) and exits 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _core_pid(server_pid: int) -> int | None:
+    """The server's child that runs the engine core (a multiprocessing spawn child)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if int(stat[1]) == server_pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            return int(entry.name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.server.app", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    status = None
+    while status != 200 and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = httpx.get(f"{url}/health", timeout=10).status_code
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    if status != 200:
+        proc.kill()
+        pytest.fail(f"the server did not become ready: {proc.stdout.read()}")
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_default_settings_answer_paris(default_server):
+    _, url = default_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    answer = client.chat.completions.create(
+        model=client.models.list().data[0].id, temperature=0, max_tokens=32,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in answer.choices[0].message.content
+
+
+def test_core_process_death_gives_503_ends_streams_and_exits_1(default_server):
+    proc, url = default_server
+    core = _core_pid(proc.pid)
+    assert core is not None, "no engine core child process"
+    ended = threading.Event()
+    lines: list[str] = []
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                lines.extend(r.iter_lines())
+        except httpx.HTTPError as exc:
+            lines.append(f"transport error: {exc}")
+        ended.set()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("data: {") for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(core, signal.SIGKILL)
+    assert ended.wait(60), "the stream hung after the engine core died"
+    assert not any('"finish_reason": "length"' in line for line in lines)
+    statuses = []
+    while proc.poll() is None and time.monotonic() < deadline + 60:
+        try:
+            statuses.append(httpx.get(f"{url}/health", timeout=5).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    assert proc.wait(60) == 1
+    assert 200 not in statuses
+    assert "engine core process died" in proc.stdout.read()
