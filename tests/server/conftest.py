@@ -47,7 +47,7 @@ class RunningServer:
 
     @property
     def model(self) -> str:
-        return self.engine.engine.model_name
+        return self.engine.info.model_name
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -1,4 +1,5 @@
-"""AsyncEngine on the real engine: streams, aborts, a failing request, an idle loop that sleeps."""
+"""AsyncEngine (the in-process, threaded engine) on the real model: streams, aborts, a failing request,
+an idle loop that sleeps. The server itself runs the engine core in its own process (test_core_process.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,43 @@ import time
 
 import pytest
 
-from tokenmill.engine.async_engine import RequestFailedError
+from tests.server.conftest import ENGINE, RunningServer
+from tokenmill.engine.async_engine import AsyncEngine, RequestFailedError
+from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.sampling_params import SamplingParams
 
 POISON_SEED = 424242
 
 
+class InProcess:
+    """What these tests need of a server: its engine, its metrics and a poll helper."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.wait_until = RunningServer.wait_until
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        body, _ = self.engine.metrics.render()
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = AsyncEngine.from_config(ENGINE, EngineMetrics())
+    engine.start()
+    yield InProcess(engine)
+    engine.shutdown()
+
+
 def _ids(server, text: str = "The capital of France is") -> list[int]:
-    return server.engine.engine.tokenizer.encode(text)
+    return server.engine.info.tokenizer.encode(text)
 
 
 def test_abort_from_a_coroutine_ends_the_stream_and_frees_blocks(server):

@@ -89,7 +89,7 @@ def test_clients_that_disconnect_free_their_kv_blocks(server):
     assert server.wait_until(idle, timeout=60)
     aborted = server.metrics()['tokenmill_requests_total{finish_reason="abort"}'] - before
     assert aborted == 6
-    assert server.engine.engine.stats().kv_blocks_used == 0
+    assert server.engine.stats().kv_blocks_used == 0
 
 
 def test_metrics_after_traffic(server):

@@ -40,7 +40,7 @@ def test_completion_greedy_stream_equals_non_stream_with_usage(client, server):
     kwargs = {"model": server.model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0,
               "extra_body": {"ignore_eos": True}}
     full = client.completions.create(**kwargs)
-    n_prompt = len(server.engine.engine.tokenizer.encode(PROMPT))
+    n_prompt = len(server.engine.info.tokenizer.encode(PROMPT))
     assert full.usage.prompt_tokens == n_prompt
     assert full.usage.completion_tokens == 5
     assert full.usage.total_tokens == n_prompt + 5
@@ -92,14 +92,14 @@ def test_completion_stop_string_cuts_the_text(client, server):
 
 
 def test_completion_token_ids_and_several_prompts(client, server):
-    ids = server.engine.engine.tokenizer.encode(PROMPT)
+    ids = server.engine.info.tokenizer.encode(PROMPT)
     several = client.completions.create(model=server.model, prompt=[PROMPT, "Hello"], max_tokens=3,
                                         temperature=0)
     assert [c.index for c in several.choices] == [0, 1]
     from_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=3, temperature=0)
     assert from_ids.choices[0].text == several.choices[0].text  # same tokens, same greedy continuation
     assert from_ids.usage.prompt_tokens == len(ids)
-    assert several.usage.prompt_tokens == len(ids) + len(server.engine.engine.tokenizer.encode("Hello"))
+    assert several.usage.prompt_tokens == len(ids) + len(server.engine.info.tokenizer.encode("Hello"))
 
 
 def test_completion_echo_prepends_the_prompt(client, server):
@@ -110,7 +110,7 @@ def test_completion_echo_prepends_the_prompt(client, server):
 def test_chat_stream_equals_non_stream_for_a_seed(client, server):
     kwargs = {"model": server.model, "messages": MESSAGES, "max_tokens": 5, "temperature": 0.8, "seed": 7}
     full = client.chat.completions.create(**kwargs)
-    expected_prompt = server.engine.engine.tokenizer.apply_chat_template(MESSAGES, tokenize=True)
+    expected_prompt = server.engine.info.tokenizer.apply_chat_template(MESSAGES, tokenize=True)
     assert full.usage.prompt_tokens == len(expected_prompt)
     assert full.choices[0].message.role == "assistant"
     texts, finish, usage = _stream_texts(client.chat.completions.create(

@@ -69,7 +69,7 @@ def test_tokenize_with_chat_template_matches_the_chat_route_prompt(server):
 
 
 def test_token_pieces_concatenate_to_the_decoded_text(server):
-    tokenizer = server.engine.engine.tokenizer
+    tokenizer = server.engine.info.tokenizer
     text = "emoji 🦊🦊 and CJK 東京, tabs\tand\nnewlines"
     ids = tokenizer.encode(text)
     pieces = token_pieces(tokenizer, ids)

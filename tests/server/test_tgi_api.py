@@ -18,7 +18,7 @@ def client(server) -> Client:
 def test_generate_with_details_matches_generate_stream(client, server):
     out = client.generate(PROMPT, max_new_tokens=4, decoder_input_details=True, top_n_tokens=2)
     d = out.details
-    prompt_ids = server.engine.engine.tokenizer.encode(PROMPT)
+    prompt_ids = server.engine.info.tokenizer.encode(PROMPT)
     assert d.generated_tokens == len(d.tokens) <= 4
     assert "".join(t.text for t in d.tokens) == out.generated_text
     assert [t.id for t in d.prefill] == prompt_ids
@@ -63,7 +63,7 @@ def test_generate_route_best_of_and_truncate(server):
     out = r.json()
     assert isinstance(out, dict)  # /generate returns an object; / returns a list
     assert len(out["details"]["best_of_sequences"]) == 1
-    ids = server.engine.engine.tokenizer.encode(body["inputs"])
+    ids = server.engine.info.tokenizer.encode(body["inputs"])
     assert [t["id"] for t in out["details"]["prefill"]] == ids[-3:]
     best = out["details"]["tokens"]
     other = out["details"]["best_of_sequences"][0]["tokens"]
@@ -83,7 +83,7 @@ def test_info_tokenize_and_health(server):
     assert info["model_id"] == server.model
     assert info["max_total_tokens"] == 512
     tokens = httpx.post(f"{server.url}/tokenize", json={"inputs": "Hello world"}).json()
-    assert [t["id"] for t in tokens] == server.engine.engine.tokenizer.encode("Hello world")
+    assert [t["id"] for t in tokens] == server.engine.info.tokenizer.encode("Hello world")
     assert "".join(t["text"] for t in tokens) == "Hello world"
     assert tokens[0]["start"] == 0 and tokens[-1]["stop"] == len("Hello world")
     assert httpx.get(f"{server.url}/health").status_code == 200
