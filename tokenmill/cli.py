@@ -1,79 +1,95 @@
 """Command line: tokenmill generate | chat | serve | bench | tokenize.
 
 Bad input prints one line (``tokenmill: error: ...``) and exits with code 2.
+
+Flag defaults come from the dataclasses the flags fill (EngineConfig, SamplingParams), except
+where the terminal wants its own (CLI_MAX_TOKENS, CLI_TEMPERATURE).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from typing import Any
 
 from tokenmill.config import DEFAULT_MODEL, DTYPES, QUANTIZATION_MODES, EngineConfig
 from tokenmill.sampling_params import SamplingParams
 
+CLI_MAX_TOKENS = 256  # an answer in a terminal: longer than SamplingParams' 16
+CLI_TEMPERATURE = 0.7  # sampled but focused; 0 (greedy) with --num-beams > 1
+EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default of a dataclass (every field of EngineConfig and SamplingParams has one)."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)}
+
+
+ENGINE = _defaults(EngineConfig)
+SAMPLING = _defaults(SamplingParams)
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a model."""
+    """Flags shared by every command that loads a model; each dest is the EngineConfig field it sets."""
     g = parser.add_argument_group("model and engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file, Hugging Face folder or hub id")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--quantization", default="auto", choices=QUANTIZATION_MODES)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--model", default=ENGINE["model"], help="alias, .gguf file, Hugging Face folder or hub id")
+    g.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES)
+    g.add_argument("--device", default=ENGINE["device"], help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--quantization", default=ENGINE["quantization"], choices=QUANTIZATION_MODES)
+    g.add_argument("--max-model-len", type=int, default=ENGINE["max_model_len"])
+    g.add_argument("--max-num-seqs", type=int, default=ENGINE["max_num_seqs"])
+    g.add_argument("--max-num-batched-tokens", type=int, default=ENGINE["max_num_batched_tokens"])
+    g.add_argument("--block-size", type=int, default=ENGINE["block_size"])
+    g.add_argument("--kv-cache-memory", dest="kv_cache_memory_gb", type=float,
+                   default=ENGINE["kv_cache_memory_gb"], help="KV cache size in GiB")
+    g.add_argument("--seed", type=int, default=ENGINE["seed"])
+    g.add_argument("--threads", type=int, default=ENGINE["threads"])
+    g.add_argument("--compile", action="store_true", default=ENGINE["compile"],
                    help="torch.compile the decode step: the first steps compile (about a minute), then decode is faster")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=ENGINE["enable_prefix_caching"],
                    help="recompute every prompt instead of reusing the KV of prefixes seen before")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory_gb=args.kv_cache_memory, seed=args.seed, threads=args.threads, compile=args.compile,
-        enable_prefix_caching=args.enable_prefix_caching)
+    """EngineConfig from every flag whose dest is one of its fields."""
+    return EngineConfig(**{name: getattr(args, name) for name in ENGINE if hasattr(args, name)})
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Token selection flags; each dest is the SamplingParams field it sets."""
     g = parser.add_argument_group("token selection and stopping")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.7; 0 with beams)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--n", type=int, default=1, help="samples per prompt")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"])
-    g.add_argument("--logprobs", type=int, default=None, help="top alternatives per token")
+    g.add_argument("--max-tokens", type=int, default=CLI_MAX_TOKENS)
+    g.add_argument("--min-tokens", type=int, default=SAMPLING["min_tokens"])
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default {CLI_TEMPERATURE}; 0 with beams)")
+    g.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
+    g.add_argument("--top-p", type=float, default=SAMPLING["top_p"])
+    g.add_argument("--min-p", type=float, default=SAMPLING["min_p"])
+    g.add_argument("--presence-penalty", type=float, default=SAMPLING["presence_penalty"])
+    g.add_argument("--frequency-penalty", type=float, default=SAMPLING["frequency_penalty"])
+    g.add_argument("--repetition-penalty", type=float, default=SAMPLING["repetition_penalty"])
+    g.add_argument("--stop", action="append", default=SAMPLING["stop"], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=SAMPLING["ignore_eos"])
+    g.add_argument("--n", type=int, default=SAMPLING["n"], help="samples per prompt")
+    g.add_argument("--num-beams", type=int, default=SAMPLING["num_beams"])
+    g.add_argument("--length-penalty", type=float, default=SAMPLING["length_penalty"])
+    g.add_argument("--early-stopping", default=str(SAMPLING["early_stopping"]).lower(),
+                   choices=list(EARLY_STOPPING))
+    g.add_argument("--logprobs", type=int, default=SAMPLING["logprobs"], help="top alternatives per token")
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
-    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    temperature = args.temperature
-    if temperature is None:
-        temperature = 0.0 if args.num_beams > 1 else 0.7
-    return SamplingParams(
-        n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, stop=args.stop,
-        ignore_eos=args.ignore_eos, num_beams=args.num_beams, length_penalty=args.length_penalty,
-        early_stopping=early, logprobs=args.logprobs)
+    """SamplingParams from every flag whose dest is one of its fields. ``--seed`` is such a flag:
+    it seeds the request as well as the engine."""
+    given = {name: getattr(args, name) for name in SAMPLING if hasattr(args, name)}
+    given["early_stopping"] = EARLY_STOPPING[args.early_stopping]
+    if args.temperature is None:
+        given["temperature"] = 0.0 if args.num_beams > 1 else CLI_TEMPERATURE
+    return SamplingParams(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:

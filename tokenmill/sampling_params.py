@@ -1,7 +1,9 @@
 """SamplingParams: how one request chooses its tokens and when it stops.
 
 Field names follow vLLM so users need no translation. Every field is validated
-here and a bad value raises ``ValueError`` naming the field and its allowed range.
+here and a bad value raises ``SamplingParamsError`` (a ``ValueError``) naming the field and its
+allowed range; its ``param`` carries the field's name as data, so an API can report it under
+its own name for the field.
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_NUM_BEAMS = 16
 MAX_N = 128
+
+
+class SamplingParamsError(ValueError):
+    """A bad SamplingParams value. ``param`` is the top-level field at fault ("logit_bias", not
+    "logit_bias[5]"), None when no single field is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # keep param when the error crosses a process boundary (ValueError pickles only the message)
+        return type(self), (str(self), self.param)
 
 
 @dataclass
@@ -73,7 +88,10 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise SamplingParamsError("logit_bias must map token ids to numbers", "logit_bias") from None
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -84,47 +102,60 @@ class SamplingParams:
             _check_int("max_tokens", self.max_tokens, 1, None)
         _check_int("min_tokens", self.min_tokens, 0, None)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise SamplingParamsError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                                      "min_tokens")
         _check_float("temperature", self.temperature, 0.0, None)
         _check_int("top_k", self.top_k, -1, None)
+        _check_float("top_p", self.top_p, None, None)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, None, None)
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SamplingParamsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                                      "repetition_penalty")
         for token_id, bias in (self.logit_bias or {}).items():
             if token_id < 0:
-                raise ValueError(f"logit_bias: token id {token_id} must be >= 0")
-            _check_float(f"logit_bias[{token_id}]", bias, -100.0, 100.0)
+                raise SamplingParamsError(f"logit_bias: token id {token_id} must be >= 0", "logit_bias")
+            _check_float(f"logit_bias[{token_id}]", bias, -100.0, 100.0, param="logit_bias")
         if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop: every entry must be a non-empty string, got {s!r}")
-        for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
-                raise ValueError(f"stop_token_ids: every entry must be a token id >= 0, got {t!r}")
+            raise SamplingParamsError(f"seed must be an integer, got {self.seed!r}", "seed")
+        self._validate_stops()
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         _check_int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS)
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+            raise SamplingParamsError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}",
+                                      "early_stopping")
         if self.num_beams > 1:
             self._validate_beam_search()
 
+    def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}", "stop")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise SamplingParamsError(f"stop: every entry must be a non-empty string, got {s!r}", "stop")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0:
+                raise SamplingParamsError(f"stop_token_ids: every entry must be a token id >= 0, got {t!r}",
+                                          "stop_token_ids")
+
     def _validate_beam_search(self) -> None:
         if self.temperature > 0 and self.temperature != 1.0:
-            raise ValueError("num_beams > 1 is deterministic beam search: temperature must be 0 or unset")
-        if self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0:
-            raise ValueError("num_beams > 1 is deterministic beam search: top_k, top_p and min_p must be unset")
+            raise SamplingParamsError("num_beams > 1 is deterministic beam search: temperature must be 0 or unset",
+                                      "temperature")
+        sampling = [name for name, on in (("top_k", self.top_k > 0), ("top_p", self.top_p < 1.0),
+                                          ("min_p", self.min_p > 0)) if on]
+        if sampling:
+            raise SamplingParamsError("num_beams > 1 is deterministic beam search: top_k, top_p and min_p must be "
+                                      "unset", sampling[0])
         if self.n > self.num_beams:
-            raise ValueError(f"n ({self.n}) must be <= num_beams ({self.num_beams})")
+            raise SamplingParamsError(f"n ({self.n}) must be <= num_beams ({self.num_beams})", "n")
 
     @property
     def greedy(self) -> bool:
@@ -138,22 +169,24 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, low: int | None, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    _check_range(name, value, low, high)
+        raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name)
+    _check_range(name, value, low, high, name)
 
 
-def _check_float(name: str, value: object, low: float | None, high: float | None) -> None:
+def _check_float(name: str, value: object, low: float | None, high: float | None, param: str | None = None) -> None:
+    """``param``: the field to blame when ``name`` is a part of it (``logit_bias[5]``)."""
+    param = param or name
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise SamplingParamsError(f"{name} must be a number, got {value!r}", param)
     if value != value:  # NaN
-        raise ValueError(f"{name} must be a number, got NaN")
-    _check_range(name, value, low, high)
+        raise SamplingParamsError(f"{name} must be a number, got NaN", param)
+    _check_range(name, value, low, high, param)
 
 
-def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+def _check_range(name: str, value: float, low: float | None, high: float | None, param: str) -> None:
     if low is not None and high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        raise SamplingParamsError(f"{name} must be in [{low}, {high}], got {value}", param)
     if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise SamplingParamsError(f"{name} must be >= {low}, got {value}", param)
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
+        raise SamplingParamsError(f"{name} must be <= {high}, got {value}", param)

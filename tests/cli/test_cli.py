@@ -1,10 +1,21 @@
-"""The command line: generate (streamed and --json), tokenize, and one-line errors with exit code 2."""
+"""The command line: generate (streamed and --json), tokenize, one-line errors with exit code 2, and
+flags whose defaults and values are the EngineConfig and SamplingParams fields they set."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+
+from tokenmill.cli import (
+    CLI_MAX_TOKENS,
+    CLI_TEMPERATURE,
+    build_parser,
+    engine_config_from_args,
+    sampling_params_from_args,
+)
+from tokenmill.config import EngineConfig
+from tokenmill.sampling_params import SamplingParams
 
 
 def tokenmill(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -70,3 +81,45 @@ def test_chat_keeps_the_conversation_and_ends_on_an_empty_line():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "Berlin" in r.stdout
     assert r.stderr.count("TTFT") == 2
+
+
+# ---- flags -> EngineConfig / SamplingParams (no model) ------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi"], ["chat"], ["serve"], ["bench"]])
+def test_engine_flag_defaults_are_engine_config_defaults(argv):
+    assert engine_config_from_args(build_parser().parse_args(argv)) == EngineConfig()
+
+
+def test_sampling_flag_defaults_are_sampling_params_defaults_but_length_and_temperature():
+    args = build_parser().parse_args(["generate", "hi"])
+    assert sampling_params_from_args(args) == SamplingParams(max_tokens=CLI_MAX_TOKENS, temperature=CLI_TEMPERATURE,
+                                                             seed=EngineConfig().seed)
+    beams = build_parser().parse_args(["generate", "--num-beams", "2", "hi"])
+    assert sampling_params_from_args(beams).temperature == 0.0  # beam search is deterministic
+
+
+def test_every_engine_flag_sets_its_field():
+    args = build_parser().parse_args([
+        "generate", "--model", "m.gguf", "--dtype", "float32", "--device", "cpu", "--quantization", "none",
+        "--max-model-len", "256", "--max-num-seqs", "3", "--max-num-batched-tokens", "64", "--block-size", "8",
+        "--kv-cache-memory", "0.5", "--seed", "9", "--threads", "2", "--compile", "--no-prefix-caching", "hi"])
+    assert engine_config_from_args(args) == EngineConfig(
+        model="m.gguf", dtype="float32", device="cpu", quantization="none", max_model_len=256, max_num_seqs=3,
+        max_num_batched_tokens=64, block_size=8, kv_cache_memory_gb=0.5, seed=9, threads=2, compile=True,
+        enable_prefix_caching=False)
+
+
+def test_every_sampling_flag_sets_its_field():
+    args = build_parser().parse_args([
+        "generate", "--max-tokens", "5", "--min-tokens", "1", "--temperature", "0.5", "--top-k", "4",
+        "--top-p", "0.9", "--min-p", "0.1", "--presence-penalty", "0.5", "--frequency-penalty", "-0.5",
+        "--repetition-penalty", "1.2", "--stop", "a", "--stop", "b", "--ignore-eos", "--n", "2", "--seed", "7",
+        "--logprobs", "3", "hi"])
+    assert sampling_params_from_args(args) == SamplingParams(
+        max_tokens=5, min_tokens=1, temperature=0.5, top_k=4, top_p=0.9, min_p=0.1, presence_penalty=0.5,
+        frequency_penalty=-0.5, repetition_penalty=1.2, stop=["a", "b"], ignore_eos=True, n=2, seed=7, logprobs=3)
+    beams = build_parser().parse_args(["chat", "--num-beams", "3", "--length-penalty", "0.5",
+                                       "--early-stopping", "never"])
+    assert sampling_params_from_args(beams) == SamplingParams(
+        max_tokens=CLI_MAX_TOKENS, temperature=0.0, num_beams=3, length_penalty=0.5, early_stopping="never", seed=0)

@@ -34,7 +34,6 @@ from tokenmill.server.serving import (
     get_state,
     merge_streams,
     run_to_end,
-    sampling_params,
     sse,
     timing_headers,
 )
@@ -60,8 +59,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
         raise ApiError(400, "echo together with logprobs is not supported", param="echo")
     tokenizer = state.ready_engine().info.tokenizer
     prompts, texts = _completion_prompts(body.prompt, tokenizer)
-    params = build_params(body, body.max_tokens, body.logprobs)
-    engine = _admit(state, prompts, body.max_tokens, "max_tokens")
+    _check_stream_options(body)
+    params = body.to_sampling_params()
+    engine = _admit(state, prompts, params.max_tokens, "max_tokens")
     ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None)
     streams = await add_requests(engine, prompts, params, texts)
     if body.stream:
@@ -81,13 +81,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     _reject_unsupported_chat(body)
     tokenizer = state.ready_engine().info.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    params = build_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
-                          max_tokens_field=field_name)
-    engine = _admit(state, [prompt_ids], max_tokens, field_name)
+    _check_stream_options(body)
+    params = body.to_sampling_params()
+    engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field)
     ctx = _Context(state, body, "chatcmpl", tokenizer)
     streams = await add_requests(engine, [prompt_ids], params)
     if body.stream:
@@ -101,34 +97,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
 
 # -- request -> engine input ------------------------------------------------------------------------
 
-def build_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                 max_tokens_field: str = "max_tokens") -> SamplingParams:
-    """SamplingParams from the shared OpenAI fields; any bad value is a 400 naming its field."""
-    if body.best_of is not None and body.best_of != body.n:
-        raise ApiError(400, f"best_of ({body.best_of}) must equal n ({body.n}) or be unset", param="best_of")
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"{max_tokens_field} must be >= 1, got {max_tokens}", param=max_tokens_field)
+def _check_stream_options(body: SamplingFields) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    return sampling_params(
-        n=body.n, max_tokens=max_tokens, min_tokens=body.min_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logit_bias=_logit_bias(body.logit_bias),
-        seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
-        include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens, num_beams=body.num_beams,
-        length_penalty=body.length_penalty, early_stopping=body.early_stopping)
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    if not bias:
-        return None
-    try:
-        return {int(k): v for k, v in bias.items()}
-    except ValueError:
-        raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
 
 
 def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str | None]]:

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
 
 from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tokenmill.sampling_params import MAX_LOGPROBS
-from tokenmill.server.protocol import ApiError, Strict
+from tokenmill.server.protocol import BeamRequest, PlaygroundTokenizeRequest, StepsRequest
 from tokenmill.server.serving import (
     add_requests,
     check_admission,
@@ -31,58 +29,12 @@ from tokenmill.server.serving import (
     get_state,
     merge_streams,
     run_to_end,
-    sampling_params,
     sse,
 )
 
 router = APIRouter(tags=["playground"])
 
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-class PlaygroundTokenizeRequest(Strict):
-    """POST /v1/tokenize."""
-
-    text: str
-    chat_template: bool = False  # wrap text as one user message in the model's chat template
-    add_generation_prompt: bool = True  # with chat_template: end with the assistant header
-    model: str | None = None
-
-
-class PromptFields(Strict):
-    """The prompt part shared by the steps and beam requests."""
-
-    prompt: str
-    chat_template: bool = True
-    system: str | None = None
-    model: str | None = None
-
-
-class StepsRequest(PromptFields):
-    """POST /v1/playground/steps: SamplingParams fields plus how many candidates to report."""
-
-    max_tokens: int = 32
-    min_tokens: int = 0
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    ignore_eos: bool = False
-    top_n: int = 10  # candidates per step, in [1, MAX_LOGPROBS]
-
-
-class BeamRequest(PromptFields):
-    """POST /v1/playground/beam."""
-
-    num_beams: int = 4
-    max_tokens: int = 16
-    length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False
 
 
 # ---- tokenizer view ---------------------------------------------------------------------------
@@ -151,15 +103,12 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
     """Stream one generation: a ``start`` event, a ``token`` event per token, then ``done``."""
     state = get_state(request)
     state.check_model(body.model)
-    if not 1 <= body.top_n <= MAX_LOGPROBS:
-        raise ApiError(400, f"top_n must be in [1, {MAX_LOGPROBS}], got {body.top_n}", param="top_n")
+    params = body.to_sampling_params()
     engine = check_admission(state, 1)
     llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
-    check_context(engine, len(ids), body.max_tokens, "max_tokens")
-    fields = body.model_dump(exclude={"prompt", "chat_template", "system", "model", "top_n"})
-    params = sampling_params(**fields, logprobs=body.top_n, return_processed_topk=body.top_n)
+    check_context(engine, len(ids), params.max_tokens, "max_tokens")
     streams = await add_requests(engine, [ids], params, [text])
     start = {"type": "start", "model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids,
              "prompt_tokens": llm.tokenizer.convert_ids_to_tokens(ids)}
@@ -252,17 +201,12 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
     """Run beam search to the end; returns the final ranking and the per-step candidate trace."""
     state = get_state(request)
     state.check_model(body.model)
+    params = body.to_sampling_params()
     engine = check_admission(state, 1)
     llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
-    check_context(engine, len(ids), body.max_tokens, "max_tokens")
-    if body.num_beams < 2:
-        raise ApiError(400, f"num_beams must be in [2, 16] for beam search, got {body.num_beams}",
-                       param="num_beams")
-    params = sampling_params(num_beams=body.num_beams, n=body.num_beams, max_tokens=body.max_tokens,
-                             temperature=0.0, length_penalty=body.length_penalty,
-                             early_stopping=body.early_stopping, return_beam_trace=True)
+    check_context(engine, len(ids), params.max_tokens, "max_tokens")
     streams = await add_requests(engine, [ids], params, [text])
     (out,) = await run_to_end(request, engine, streams)
     ranking = [{"rank": i + 1, "text": c.text, "token_ids": c.token_ids,

@@ -1,16 +1,25 @@
-"""Request bodies of the HTTP APIs (pydantic) and the error every route raises.
+"""Request bodies of the HTTP APIs (pydantic), their conversion to SamplingParams, and the error
+every route raises.
 
 Models forbid unknown fields (a typo must not be silently ignored) and use strict types (the
 string "0.7" is not a temperature). Fields that the OpenAI or TGI APIs define but tokenmill does
 not implement are declared as ``Any = None`` and rejected by the routes with a 400 that names
 them, so a client learns at once that e.g. ``tools`` had no effect.
+
+Each body turns itself into SamplingParams with one ``to_sampling_params()``. A sampling field's
+default lives in SamplingParams: a body field left at None takes it. SamplingParams validates;
+its error becomes a 400 whose ``param`` is the body's own name for the field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import random
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tokenmill.sampling_params import MAX_LOGPROBS, MAX_NUM_BEAMS, SamplingParams, SamplingParamsError
 
 
 class ApiError(Exception):
@@ -40,35 +49,58 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(Strict):
+class SamplingControls(Strict):
+    """Fields with SamplingParams' names and meaning, shared by the OpenAI bodies and the
+    playground's steps body; None (the default) means SamplingParams' default."""
+
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool | None = None
+
+    def controls(self) -> dict[str, Any]:
+        """The controls this body sets, as SamplingParams keyword arguments."""
+        return _given(**{name: getattr(self, name) for name in SamplingControls.model_fields})
+
+
+class SamplingFields(SamplingControls):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names + vLLM extras)."""
 
     model: str | None = None
     n: int = 1
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted for compatibility; not used
     stream: bool = False
     stream_options: StreamOptions | None = None
     best_of: int | None = None
     # Extras (vLLM names), not in OpenAI's API.
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False
-    include_stop_str_in_output: bool = False
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
+    include_stop_str_in_output: bool | None = None
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool | None = None
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         body_names: Mapping[str, str]) -> SamplingParams:
+        """The shared conversion; each endpoint brings its max_tokens and logprobs (None: no limit,
+        no logprobs) and its names for the SamplingParams fields it spells differently."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError(400, f"best_of ({self.best_of}) must equal n ({self.n}) or be unset", param="best_of")
+        return make_sampling_params(
+            body_names, n=self.n, max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(self.logit_bias),
+            **self.controls(), **_given(
+                num_beams=self.num_beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+                include_stop_str_in_output=self.include_stop_str_in_output, stop_token_ids=self.stop_token_ids,
+                skip_special_tokens=self.skip_special_tokens))
 
 
 class CompletionRequest(SamplingFields):
@@ -79,6 +111,9 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: Any = None  # unsupported
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self._sampling_params(self.max_tokens, self.logprobs, {})
 
 
 class ChatMessage(Strict):
@@ -113,15 +148,31 @@ class ChatCompletionRequest(SamplingFields):
     store: Any = None
     metadata: Any = None
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The field that limits the output: max_completion_tokens when set (it wins), else max_tokens."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def to_sampling_params(self) -> SamplingParams:
+        """``logprobs: true`` with ``top_logprobs: k`` is SamplingParams' ``logprobs=k``."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs,
+                                     {"max_tokens": self.max_tokens_field, "logprobs": "top_logprobs"})
+
 
 CHAT_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
                     "prediction", "reasoning_effort", "web_search_options", "service_tier", "metadata")
 
 
-class TgiParameters(BaseModel):
+class TgiParameters(Strict):
     """The ``parameters`` of a TGI /generate request (TGI's names and defaults)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # SamplingParams field -> this body's name for it
+    BODY_NAMES: ClassVar[dict[str, str]] = {"max_tokens": "max_new_tokens", "n": "best_of",
+                                            "logprobs": "top_n_tokens", "prompt_logprobs": "decoder_input_details"}
 
     best_of: int | None = None
     decoder_input_details: bool = False
@@ -143,6 +194,31 @@ class TgiParameters(BaseModel):
     grammar: Any = None  # unsupported
     adapter_id: Any = None  # unsupported
 
+    def to_sampling_params(self) -> SamplingParams:
+        """SamplingParams for these parameters; its ``seed`` is the one reported in ``details``.
+
+        Like TGI, a request samples when do_sample is set or any sampling control differs from its
+        neutral value; otherwise it is greedy. A sampled request without a seed gets a random one,
+        reported back so the client can reproduce it.
+        """
+        sampling = self.do_sample or self.temperature not in (None, 1.0) or bool(self.top_k) \
+            or self.top_p not in (None, 1.0)
+        best_of = 1 if self.best_of is None else self.best_of
+        if best_of > 1 and not sampling:
+            raise ApiError(400, "best_of > 1 needs sampling: set do_sample, temperature, top_k or top_p",
+                           param="best_of")
+        if best_of > 1 and self.seed is not None:
+            raise ApiError(400, "seed must not be set when best_of > 1", param="seed")
+        seed = None
+        if sampling and best_of == 1:
+            seed = self.seed if self.seed is not None else random.getrandbits(63)
+        return make_sampling_params(
+            self.BODY_NAMES, n=best_of, max_tokens=self.max_new_tokens, seed=seed, stop=self.stop,
+            logprobs=(self.top_n_tokens or 0) if (self.details or self.top_n_tokens or best_of > 1) else None,
+            prompt_logprobs=0 if self.decoder_input_details else None,
+            **_given(temperature=self.temperature if sampling else 0.0, top_k=self.top_k, top_p=self.top_p,
+                     repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty))
+
 
 class TgiRequest(Strict):
     """POST /generate, /generate_stream and / (TGI's compatibility route)."""
@@ -157,3 +233,86 @@ class TokenizeRequest(Strict):
 
     inputs: str
     parameters: TgiParameters | None = None
+
+
+# -- the playground's bodies (/v1/tokenize, /v1/playground/*) -----------------------------------------
+
+class PlaygroundTokenizeRequest(Strict):
+    """POST /v1/tokenize."""
+
+    text: str
+    chat_template: bool = False  # wrap text as one user message in the model's chat template
+    add_generation_prompt: bool = True  # with chat_template: end with the assistant header
+    model: str | None = None
+
+
+class PromptFields(Strict):
+    """The prompt part shared by the steps and beam requests."""
+
+    prompt: str
+    chat_template: bool = True
+    system: str | None = None
+    model: str | None = None
+
+
+class StepsRequest(PromptFields, SamplingControls):
+    """POST /v1/playground/steps: the sampling controls plus how many candidates to report."""
+
+    max_tokens: int = 32
+    temperature: float = 0.7  # the page's default: sampled, so the processed distribution shows
+    top_n: int = 10  # candidates per step, in [1, MAX_LOGPROBS]
+
+    def to_sampling_params(self) -> SamplingParams:
+        if not 1 <= self.top_n <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_n must be in [1, {MAX_LOGPROBS}], got {self.top_n}", param="top_n")
+        return make_sampling_params({"logprobs": "top_n"}, max_tokens=self.max_tokens, logprobs=self.top_n,
+                                    return_processed_topk=self.top_n, **self.controls())
+
+
+class BeamRequest(PromptFields):
+    """POST /v1/playground/beam."""
+
+    num_beams: int = 4
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Deterministic beam search returning every beam, with the per-step trace."""
+        if self.num_beams < 2:
+            raise ApiError(400, f"num_beams must be in [2, {MAX_NUM_BEAMS}] for beam search, got {self.num_beams}",
+                           param="num_beams")
+        return make_sampling_params({}, num_beams=self.num_beams, n=self.num_beams, max_tokens=self.max_tokens,
+                                    temperature=0.0, length_penalty=self.length_penalty,
+                                    early_stopping=self.early_stopping, return_beam_trace=True)
+
+
+# -- conversion helpers -------------------------------------------------------------------------------
+
+def make_sampling_params(body_names: Mapping[str, str], **kwargs: Any) -> SamplingParams:
+    """``SamplingParams(**kwargs)``, its error a 400 whose ``param`` is the body's field.
+
+    ``body_names`` maps a SamplingParams field to the body field it came from where the two names
+    differ; the message then leads with the body's name ("max_new_tokens: max_tokens must be ...").
+    """
+    try:
+        return SamplingParams(**kwargs)
+    except SamplingParamsError as exc:
+        param = body_names.get(exc.param, exc.param) if exc.param else None
+        message = str(exc) if param == exc.param else f"{param}: {exc}"
+        raise ApiError(400, message, param=param) from None
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The arguments that are not None: a field the body leaves unset takes SamplingParams' default."""
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """JSON object keys are strings; SamplingParams wants token ids."""
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None

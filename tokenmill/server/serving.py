@@ -1,8 +1,9 @@
 """What the OpenAI and TGI routes share: the server state, admission checks, running requests.
 
-A route turns its body into prompt token ids and SamplingParams, then calls ``run_to_end``
-(non-streaming) or ``merge_streams`` (streaming). Both abort the engine requests when the HTTP
-client goes away, so its KV blocks are freed within one engine step.
+A route turns its body into prompt token ids and SamplingParams (``body.to_sampling_params()``,
+see protocol.py), then calls ``run_to_end`` (non-streaming) or ``merge_streams`` (streaming).
+Both abort the engine requests when the HTTP client goes away, so its KV blocks are freed within
+one engine step.
 """
 
 from __future__ import annotations
@@ -78,16 +79,6 @@ def check_context(engine: AsyncEngine, prompt_len: int, max_tokens: int | None, 
         raise ApiError(400, f"This model's maximum context length is {max_len} tokens; the request needs "
                             f"{prompt_len + (max_tokens or 1)} ({wanted}). Shorten the prompt or lower "
                             f"{field_name}.", param=field_name, code="context_length_exceeded")
-
-
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    """SamplingParams, with its ValueError turned into a 400 naming the field."""
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as exc:
-        message = str(exc)
-        param = message.split()[0].split("[")[0].rstrip(":")
-        raise ApiError(400, message, param=param if param in kwargs else None) from None
 
 
 async def add_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,

@@ -8,7 +8,6 @@ one object, or the stream when ``"stream": true``). Also ``GET /info``, ``GET /h
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,6 @@ from tokenmill.server.serving import (
     get_state,
     merge_streams,
     run_to_end,
-    sampling_params,
     sse,
     timing_headers,
 )
@@ -102,8 +100,7 @@ class _Job:
     state: ServerState
     engine: AsyncEngine
     body: TgiRequest
-    params: SamplingParams
-    seed: int | None
+    params: SamplingParams  # params.seed: the seed reported in details (None when greedy)
     prompt_ids: list[int]
     streams: list[Any]
 
@@ -121,10 +118,10 @@ async def _submit(body: TgiRequest, request: Request, stream: bool = False) -> _
     prompt_ids = tokenizer.encode(body.inputs)
     if p.truncate:
         prompt_ids = prompt_ids[-p.truncate:]
-    params, seed = tgi_sampling_params(p)
-    check_context(engine, len(prompt_ids), p.max_new_tokens, "max_new_tokens")
+    params = p.to_sampling_params()
+    check_context(engine, len(prompt_ids), params.max_tokens, "max_new_tokens")
     streams = await add_requests(engine, [prompt_ids], params, [body.inputs])
-    return _Job(state, engine, body, params, seed, prompt_ids, streams)
+    return _Job(state, engine, body, params, prompt_ids, streams)
 
 
 def _reject_unsupported(p: TgiParameters, stream: bool) -> None:
@@ -135,35 +132,6 @@ def _reject_unsupported(p: TgiParameters, stream: bool) -> None:
         raise ApiError(400, "watermark is not supported by this server", param="watermark")
     if stream and (p.best_of or 1) > 1:
         raise ApiError(400, "best_of > 1 is not supported with streaming", param="best_of")
-
-
-def tgi_sampling_params(p: TgiParameters) -> tuple[SamplingParams, int | None]:
-    """SamplingParams for TGI parameters, and the seed reported in ``details``.
-
-    Like TGI, a request samples when do_sample is set or any sampling control differs from its
-    neutral value; otherwise it is greedy. A sampled request without a seed gets a random one,
-    reported back so the client can reproduce it.
-    """
-    sampling = p.do_sample or (p.temperature not in (None, 1.0)) or bool(p.top_k) or (p.top_p not in (None, 1.0))
-    best_of = 1 if p.best_of is None else p.best_of
-    if best_of > 1 and not sampling:
-        raise ApiError(400, "best_of > 1 needs sampling: set do_sample, temperature, top_k or top_p",
-                       param="best_of")
-    if best_of > 1 and p.seed is not None:
-        raise ApiError(400, "seed must not be set when best_of > 1", param="seed")
-    seed = None
-    if sampling and best_of == 1:
-        seed = p.seed if p.seed is not None else random.getrandbits(63)
-    top_n = p.top_n_tokens or 0
-    params = sampling_params(
-        n=best_of, max_tokens=p.max_new_tokens,
-        temperature=(1.0 if p.temperature is None else p.temperature) if sampling else 0.0,
-        top_k=p.top_k or 0, top_p=1.0 if p.top_p is None else p.top_p,
-        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty or 0.0, seed=seed, stop=p.stop,
-        logprobs=top_n if (p.details or p.top_n_tokens or best_of > 1) else None,
-        prompt_logprobs=0 if p.decoder_input_details else None)
-    return params, seed
 
 
 # -- engine -> response -----------------------------------------------------------------------------
@@ -205,7 +173,7 @@ def _sequence_details(job: _Job, out: RequestOutput, c: CompletionOutput) -> dic
     k = job.body.parameters.top_n_tokens or 0
     top = [_top_tokens(tokenizer, pos, k, special) for pos in positions] if k else None
     return {"generated_text": _full_text(job, c.text), "finish_reason": _finish_reason(c),
-            "generated_tokens": len(c.token_ids), "seed": job.seed, "prefill": _prefill(job, out),
+            "generated_tokens": len(c.token_ids), "seed": job.params.seed, "prefill": _prefill(job, out),
             "tokens": tokens, "top_tokens": top}
 
 
@@ -273,4 +241,4 @@ async def _stream_events(job: _Job) -> AsyncIterator[str]:
 def _add_final(job: _Job, event: dict[str, Any], c: CompletionOutput) -> None:
     event["generated_text"] = _full_text(job, c.text)
     event["details"] = {"finish_reason": _finish_reason(c), "generated_tokens": len(c.token_ids),
-                        "seed": job.seed}
+                        "seed": job.params.seed}
