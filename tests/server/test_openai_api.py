@@ -190,3 +190,17 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache(client, server):
     both = client.completions.create(**kwargs, n=2).usage
     assert both.prompt_tokens == second.prompt_tokens
     assert 0 < _cached(both) <= both.prompt_tokens
+
+
+def test_cache_salt_keeps_prefixes_apart(client, server):
+    kwargs = {"model": server.model, "max_tokens": 2, "temperature": 0}
+    prompt = "Salted: " + LONG_PROMPT
+    client.completions.create(prompt=prompt, **kwargs, extra_body={"ignore_eos": True, "cache_salt": "alice"})
+    other = client.completions.create(prompt=prompt, **kwargs, extra_body={"ignore_eos": True, "cache_salt": "bob"})
+    same = client.completions.create(prompt=prompt, **kwargs, extra_body={"ignore_eos": True, "cache_salt": "alice"})
+    assert _cached(other.usage) == 0
+    assert _cached(same.usage) > 0
+    assert other.choices[0].text == same.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=prompt, **kwargs, extra_body={"cache_salt": ""})
+    assert err.value.body["param"] == "cache_salt"

@@ -63,7 +63,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     params = body.to_sampling_params()
     engine = _admit(state, prompts, params.max_tokens, "max_tokens")
     ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None)
-    streams = await add_requests(engine, prompts, params, texts)
+    streams = await add_requests(engine, prompts, params, texts, cache_salt=body.cache_salt)
     if body.stream:
         return _sse_response(_stream_completion(ctx, engine, streams, params))
     outputs = await run_to_end(request, engine, streams)
@@ -85,7 +85,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     params = body.to_sampling_params()
     engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field)
     ctx = _Context(state, body, "chatcmpl", tokenizer)
-    streams = await add_requests(engine, [prompt_ids], params)
+    streams = await add_requests(engine, [prompt_ids], params, cache_salt=body.cache_salt)
     if body.stream:
         return _sse_response(_stream_chat(ctx, engine, streams, params))
     outputs = await run_to_end(request, engine, streams)

@@ -88,6 +88,8 @@ class SamplingFields(SamplingControls):
     include_stop_str_in_output: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    # Prefix-cache isolation (vLLM's name): only requests with the same salt share cached KV blocks.
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          body_names: Mapping[str, str]) -> SamplingParams:

@@ -82,12 +82,15 @@ def check_context(engine: AsyncEngine, prompt_len: int, max_tokens: int | None, 
 
 
 async def add_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
-                       texts: list[str | None] | None = None) -> list[RequestStream]:
-    """Submit one engine request per prompt; a rejection aborts the ones already added."""
+                       texts: list[str | None] | None = None, cache_salt: str | None = None) -> list[RequestStream]:
+    """Submit one engine request per prompt; a rejection aborts the ones already added.
+
+    cache_salt: requests share prefix-cache entries only with requests of the same salt."""
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
-            streams.append(await engine.add_request(ids, params, prompt=texts[i] if texts else None))
+            streams.append(await engine.add_request(ids, params, prompt=texts[i] if texts else None,
+                                                    cache_salt=cache_salt))
     except ValueError as exc:
         abort_all(engine, streams)
         raise ApiError(400, str(exc)) from None
