@@ -97,6 +97,23 @@ def test_compare_without_transformers_is_a_clear_error(monkeypatch, capsys) -> N
     assert "needs the transformers package" in capsys.readouterr().err
 
 
+def test_compare_without_llama_cpp_is_a_clear_error(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert main(["bench", "--compare", "llama.cpp", "--num-prompts", "1"]) == 2
+    assert "needs llama-cpp-python" in capsys.readouterr().err
+
+
+def test_compare_llama_cpp_on_the_default_model(capsys) -> None:
+    pytest.importorskip("llama_cpp")
+    argv = ["bench", "--num-prompts", "2", "--input-len", "16", "--output-len", "8", "--concurrency", "1",
+            "--compare", "llama.cpp", "--json", "--no-progress"]
+    assert main(argv) == 0
+    run = json.loads(capsys.readouterr().out)
+    theirs = run["compare"]["llama.cpp"]
+    assert theirs["completed"] == 2 and theirs["total_output_tokens"] == 16
+    assert theirs["tpot_s"]["p50"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["--concurrency", "0"], "--concurrency: every level must be >= 1"),

@@ -34,8 +34,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=None,
                    help='JSONL file, one {"prompt": str, "output_len"?: int} per line (default: synthetic '
                         "prompts cut from prose shipped with tokenmill)")
-    g.add_argument("--compare", choices=["transformers"], default=None,
-                   help="also run the same prompts through transformers' generate() and show both")
+    g.add_argument("--compare", choices=["transformers", "llama.cpp"], default=None,
+                   help="also run the same prompts through transformers' generate() or llama.cpp "
+                        "(llama-cpp-python, same GGUF, one stream) and show both")
     g.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests before each run (default 1)")
     g.add_argument("--served-model-name", default=None,
                    help="with --url: the model name to request (default: the first of GET /v1/models)")
@@ -87,9 +88,10 @@ def run_bench(args: argparse.Namespace) -> int:
     levels = _validate(args)
     if args.compare:
         from tokenmill.bench.compare import require_transformers
+        from tokenmill.bench.compare_llama_cpp import require_llama_cpp
 
-        try:
-            require_transformers()  # fail before the long part when transformers is missing
+        try:  # fail before the long part when the other engine is missing
+            require_transformers() if args.compare == "transformers" else require_llama_cpp()
         except RuntimeError as e:
             print(f"tokenmill: error: {e}", file=sys.stderr)
             return 2
@@ -102,7 +104,7 @@ def run_bench(args: argparse.Namespace) -> int:
     elif len(results) == 1:
         print(format_table(results[0], others[0] if others else None))
         if others:
-            print("(peak RSS is the process peak so far: the transformers column includes the engine's)")
+            print(f"(peak RSS is the process peak so far: the {args.compare} column includes the engine's)")
     else:
         print(format_sweep(results, others))
     if args.plot:
@@ -124,6 +126,8 @@ def _run_offline(args: argparse.Namespace,
                for prompts, c in zip(prompt_sets, levels, strict=True)]
     if not args.compare:
         return results, None
+    if args.compare == "llama.cpp":
+        return results, _run_llama_cpp(args, prompt_sets, levels)
     from tokenmill.bench.compare import load_transformers_model, run_transformers
 
     hf_model = load_transformers_model(args.model, engine.info.dtype, engine.info.device, progress=progress)
@@ -131,6 +135,19 @@ def _run_offline(args: argparse.Namespace,
     others = [run_transformers(hf_model, prompts, c, pad_token_id=pad, warmup=args.warmup)
               for prompts, c in zip(prompt_sets, levels, strict=True)]
     return results, others
+
+
+def _run_llama_cpp(args: argparse.Namespace, prompt_sets: list[list[BenchPrompt]],
+                   levels: list[int | None]) -> list[BenchResult]:
+    from tokenmill.bench.compare_llama_cpp import load_llama_cpp, run_llama_cpp
+    from tokenmill.model.source import resolve_model
+
+    path, fmt = resolve_model(args.model)
+    if fmt != "gguf":
+        raise ValueError(f"--compare llama.cpp needs a GGUF model, got {args.model!r} ({fmt})")
+    context = max(len(p.token_ids) + p.output_len for prompts in prompt_sets for p in prompts)
+    llm = load_llama_cpp(path, context, args.threads)
+    return [run_llama_cpp(llm, prompts, c, warmup=args.warmup) for prompts, c in zip(prompt_sets, levels, strict=True)]
 
 
 def _run_serving(args: argparse.Namespace, levels: list[int | None]) -> list[BenchResult]:
