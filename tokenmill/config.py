@@ -12,13 +12,16 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family model, read from config.json or GGUF metadata."""
+    """Architecture of a decoder-only model, read from config.json or GGUF metadata by its model class
+    (``tokenmill.model.registry``): the fields every family shares, plus the optional features some use."""
 
-    architecture: str  # "llama" | "qwen2" | "mistral" ...
+    architecture: str  # the model class's name in the registry: "llama" | "qwen3" | "phi3" | "gemma3" ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,6 +37,13 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" | "gelu_pytorch_tanh"
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3)
+    sliding_window: int | None = None  # a sliding layer attends to this many tokens (itself included)
+    # per layer "sliding_attention" | "full_attention"; None: every layer slides when sliding_window is set
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None: head_dim
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -44,6 +54,24 @@ class ModelConfig:
             raise ValueError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                 f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"model config: hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model config: sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"model config: layer_types must list one of {LAYER_TYPES} per layer "
+                                 f"({self.num_hidden_layers}), got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("model config: layer_types has sliding layers but sliding_window is None")
+
+    def layer_window(self, index: int) -> int | None:
+        """The attention window of layer ``index``: sliding_window on a sliding layer, else None (full)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[index] == "sliding_attention":
+            return self.sliding_window
+        return None
 
 
 @dataclass
@@ -83,43 +111,9 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-
-
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict; unsupported architectures raise ValueError."""
-    archs = cfg.get("architectures") or []
-    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(cfg.get("model_type", ""))
-    if arch is None:
-        raise ValueError(
-            f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", arch == "mistral"):
-        raise ValueError("sliding-window attention is not supported")
-    heads = cfg["num_attention_heads"]
-    eos = cfg.get("eos_token_id")
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=cfg.get("rope_scaling"),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        attention_bias=cfg.get("attention_bias", arch == "qwen2"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-    )
+    """ModelConfig from a Hugging Face config.json dict, parsed by the model class that registered its
+    architecture; unsupported architectures raise ValueError."""
+    from tokenmill.model.registry import model_config_from_hf_dict  # lazy: the model classes import this module
+
+    return model_config_from_hf_dict(cfg)

@@ -135,7 +135,7 @@ def test_quantize_linear_weights_skips_embedding_head_and_odd_widths():
     assert quant.quantize_linear_weights(tensors, "auto") is tensors
     assert quant.keep_quantized_types("none", "gguf") == frozenset()
     assert quant.keep_quantized_types("auto", "hf") == frozenset()
-    assert quant.keep_quantized_types("auto", "gguf") == {Q4_0, Q4_1, Q8_0}
+    assert quant.keep_quantized_types("auto", "gguf") == {Q4_0, Q4_1, Q8_0, quant.GGML_Q5_0, quant.GGML_Q4_K}
 
 
 def test_bad_input_raises_value_error():

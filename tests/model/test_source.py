@@ -91,7 +91,9 @@ def _write_gguf(path, arch: str, tensor_type: gguf.GGMLQuantizationType = gguf.G
         w.add_uint32(f"{arch}.{key}", 32)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     data = np.ones((32, 32), dtype=np.float32)
-    if tensor_type != gguf.GGMLQuantizationType.F32:
+    if tensor_type == gguf.GGMLQuantizationType.Q8_1:  # gguf cannot quantize to it: raw bytes of zeros
+        data = np.zeros((32, 40), dtype=np.uint8)
+    elif tensor_type != gguf.GGMLQuantizationType.F32:
         data = gguf.quants.quantize(data, tensor_type)
     w.add_tensor("token_embd.weight", data, raw_dtype=tensor_type)
     w.write_header_to_file()
@@ -108,9 +110,9 @@ def test_unsupported_gguf_architecture_raises(tmp_path):
 
 
 def test_unsupported_gguf_tensor_type_raises(tmp_path):
-    path = tmp_path / "q5.gguf"
-    _write_gguf(path, "llama", gguf.GGMLQuantizationType.Q5_0)
-    with pytest.raises(ValueError, match="token_embd.weight.*unsupported type Q5_0"):
+    path = tmp_path / "q8_1.gguf"
+    _write_gguf(path, "llama", gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(ValueError, match="token_embd.weight.*unsupported type Q8_1"):
         load_checkpoint(str(path))
 
 

@@ -205,14 +205,14 @@ def test_split_pre_tokenizers_follow_their_regex(pre):
     import regex
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from tokenmill.model.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, _pre_tokenizer
+    from tokenmill.model.gguf_tokenizer import _LLAMA3, _QWEN2, pre_tokenizer_for
 
-    pattern = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+    pattern = _QWEN2 if pre == "qwen2" else _LLAMA3
     byte_map = ByteLevel.alphabet()  # the 256 printable stand-ins, in byte order below
     table = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
     assert set(table.values()) == set(byte_map)
     text = "I'll pay 12345 dollars!!  Ok?\n\n  日本語 café\t\tx = [1, 22];"
-    pieces = [p for p, _ in _pre_tokenizer(pre).pre_tokenize_str(text)]
+    pieces = [p for p, _ in pre_tokenizer_for(pre)[0].pre_tokenize_str(text)]
     expected = ["".join(table[b] for b in m.encode()) for m in regex.findall(pattern, text)]
     assert pieces == expected
     digits = [p for p in pieces if p.isdigit()]

@@ -38,7 +38,7 @@ class PrefillSlice:
 
     query_start: int  # offset in the flattened token dimension
     query_len: int
-    # None when the chunk starts at position 0: attend to the fresh K/V causally, no gather.
+    # None when the chunk starts at position 0: attend to the fresh K/V (causally when attn_mask is None).
     gather_index: torch.Tensor | None  # [context_len + query_len] slots, in position order
     attn_mask: torch.Tensor | None  # [query_len, context_len + query_len] bool, True = attend
 
@@ -54,6 +54,11 @@ class AttentionMetadata:
     prefills: list[PrefillSlice]
     # tensors derived from the above on first use and then shared by every layer of the step
     _derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # what build() was given, for the sliding-window variants (windowed()), built once per step and window
+    _seqs: list[SeqSlice] = field(default_factory=list, repr=False, compare=False)
+    _block_size: int = field(default=1, repr=False, compare=False)
+    _device: torch.device | str = field(default="cpu", repr=False, compare=False)
+    _windowed: dict[int, AttentionMetadata] = field(default_factory=dict, repr=False, compare=False)
 
     def decode_rows(self, num_kv_heads: int) -> torch.Tensor:
         """[Bd * Hkv * Kmax] rows of a layer's cache seen as [num_slots * Hkv, D], in [Bd, Hkv, Kmax] order."""
@@ -63,21 +68,33 @@ class AttentionMetadata:
             self._derived["rows"] = (idx[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
         return self._derived["rows"]
 
+    def windowed(self, window: int) -> AttentionMetadata:
+        """This step's metadata for a sliding-window layer: each query attends only to the last ``window``
+        positions (itself included), so decodes gather only those slots and prefill masks cut older keys.
+        Built on first use and then shared by every layer with that window."""
+        if window not in self._windowed:
+            self._windowed[window] = AttentionMetadata.build(self._seqs, self._block_size, self._device, window)
+        return self._windowed[window]
+
     @staticmethod
-    def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str) -> AttentionMetadata:
-        """Build the metadata for sequences given decode-first (``num_new_tokens == 1`` first)."""
+    def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str,
+              window: int | None = None) -> AttentionMetadata:
+        """Build the metadata for sequences given decode-first (``num_new_tokens == 1`` first); with
+        ``window``, for layers that see only the last ``window`` positions (see ``windowed``)."""
         slots: list[int] = []
         decode_contexts: list[list[int]] = []
         prefills: list[PrefillSlice] = []
         offset = 0
         for seq in seqs:
             total = seq.num_computed_tokens + seq.num_new_tokens
-            seq_slots = _slots(seq.block_table, total, block_size)
-            slots.extend(seq_slots[seq.num_computed_tokens:])
+            # the earliest position any query of this step may see: query p sees keys p - window < k <= p
+            first = 0 if window is None else max(0, seq.num_computed_tokens - window + 1)
+            seq_slots = _slots(seq.block_table, first, total, block_size)  # positions first .. total - 1
+            slots.extend(seq_slots[seq.num_computed_tokens - first:])
             if seq.num_new_tokens == 1 and not prefills:
                 decode_contexts.append(seq_slots)
             else:
-                prefills.append(_prefill_slice(seq, seq_slots, offset, device))
+                prefills.append(_prefill_slice(seq, seq_slots, first, offset, device, window))
             offset += seq.num_new_tokens
         decode_gather, decode_padding = _decode_tensors(decode_contexts, device)
         return AttentionMetadata(
@@ -86,22 +103,27 @@ class AttentionMetadata:
             decode_gather_index=decode_gather,
             decode_padding=decode_padding,
             prefills=prefills,
+            _seqs=seqs, _block_size=block_size, _device=device,
         )
 
 
-def _slots(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(num_tokens)]
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
 
 
-def _prefill_slice(seq: SeqSlice, seq_slots: list[int], offset: int, device) -> PrefillSlice:
-    if seq.num_computed_tokens == 0:
-        return PrefillSlice(offset, seq.num_new_tokens, None, None)
+def _prefill_slice(seq: SeqSlice, seq_slots: list[int], first: int, offset: int, device,
+                   window: int | None) -> PrefillSlice:
     ctx, q = seq.num_computed_tokens, seq.num_new_tokens
-    gather = torch.tensor(seq_slots, dtype=torch.long, device=device)
-    # query i sits at position ctx + i and sees keys 0 .. ctx + i
-    key_pos = torch.arange(ctx + q, device=device)
+    if ctx == 0 and (window is None or q <= window):  # causal over the fresh K/V: nothing to gather or mask
+        return PrefillSlice(offset, q, None, None)
+    # query i sits at position ctx + i and sees keys first .. ctx + i (and none at or before ctx + i - window)
+    key_pos = torch.arange(first, ctx + q, device=device)
     query_pos = torch.arange(ctx, ctx + q, device=device)
     mask = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
+    # a chunk that starts at position 0 attends to its fresh K/V, only masked
+    gather = None if ctx == 0 else torch.tensor(seq_slots, dtype=torch.long, device=device)
     return PrefillSlice(offset, q, gather, mask)
 
 
@@ -170,8 +192,8 @@ class TorchSDPABackend:
         qh = q.transpose(0, 1)[None]  # [1, H, q, D]
         if p.gather_index is None:
             keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale,
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask,
+                                                 is_causal=p.attn_mask is None, scale=scale, enable_gqa=True)
         else:
             keys = k_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)
             values = v_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)

@@ -1,4 +1,4 @@
-"""GGUF files: metadata -> ModelConfig, tensors -> Hugging Face names, vocabulary -> Tokenizer.
+"""GGUF files: metadata -> ModelConfig, tensors -> Hugging Face names (vocabulary -> Tokenizer: gguf_tokenizer.py).
 
 The file is parsed here directly (header, key/value metadata, tensor table) rather than with
 ``gguf.GGUFReader``, which builds a numpy view per metadata item and takes seconds on a 49k-token
@@ -13,19 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tokenizers
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.tokenizer import Tokenizer
+from tokenmill.model.base import unpermute_rows
+from tokenmill.model.gguf_tokenizer import tokenizer_from_gguf  # noqa: F401  (re-exported: the vocabulary)
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_TENSOR_TYPES = frozenset(GGMLQuantizationType[n] for n in (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"))
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -150,11 +148,21 @@ def _tensor_info(path: str, mm: np.ndarray, data_start: int, name: str, shape: t
 
 
 def model_config_from_gguf(gf: GGUFFile) -> ModelConfig:
-    """ModelConfig from GGUF metadata (``{arch}.*`` keys); unsupported architectures raise ValueError."""
+    """ModelConfig from GGUF metadata, parsed by the model class of ``general.architecture``;
+    unsupported architectures raise ValueError."""
+    from tokenmill.model.registry import model_class  # lazy: the model classes import this module's helpers
+
+    arch = gf.metadata.get("general.architecture")
+    try:
+        cls = model_class(arch)
+    except ValueError as e:
+        raise ValueError(f"{gf.path!r}: {e}") from None
+    return cls.config_from_gguf(gf, arch)
+
+
+def gguf_config_fields(gf: GGUFFile, arch: str) -> dict[str, Any]:
+    """The ModelConfig fields every family reads the same way from ``{arch}.*`` metadata keys."""
     md = gf.metadata
-    arch = md.get("general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise ValueError(f"{gf.path!r}: unsupported architecture {arch!r}; supported: {SUPPORTED_GGUF_ARCHITECTURES}")
     if "rope_freqs.weight" in gf.tensors:
         raise ValueError(f"{gf.path!r}: per-dimension rope frequencies (rope_freqs.weight, Llama 3.1 style "
                          "rope scaling) are not supported")
@@ -171,8 +179,7 @@ def model_config_from_gguf(gf: GGUFFile) -> ModelConfig:
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif md.get(f"{arch}.rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{gf.path!r}: unsupported rope scaling {md[f'{arch}.rope.scaling.type']!r}")
-    return ModelConfig(
-        architecture=arch,
+    return dict(
         vocab_size=get("vocab_size", gf.tensors["token_embd.weight"].shape[0]),
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
@@ -185,7 +192,7 @@ def model_config_from_gguf(gf: GGUFFile) -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=get("context_length", 2048),
         tie_word_embeddings="output.weight" not in gf.tensors,
-        attention_bias="blk.0.attn_q.bias" in gf.tensors,
+        attention_bias="blk.0.attn_q.bias" in gf.tensors or "blk.0.attn_qkv.bias" in gf.tensors,
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=gguf_eos_token_ids(md),
     )
@@ -195,43 +202,6 @@ def gguf_eos_token_ids(md: dict[str, Any]) -> list[int]:
     """End-of-generation ids: eos, plus end-of-turn / end-of-message when the file names them."""
     ids = [md.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
-
-def hf_tensor_name(gguf_name: str) -> str:
-    """Hugging Face parameter name of a GGUF tensor name; ValueError for names we do not use."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
-
-
-def unpermute_rows(a: np.ndarray | torch.Tensor, n_head: int) -> np.ndarray | torch.Tensor:
-    """Undo llama.cpp's Q/K row order (rotary halves interleaved per head) along dim 0.
-
-    llama.cpp stores, per head, rows [0, d/2, 1, d/2+1, ...] of the HF layout; rows here are
-    [n_head * head_dim, ...] and each is moved whole, so raw quant blocks permute the same way.
-    """
-    rows = a.shape[0]
-    half = rows // n_head // 2
-    # [n_head, half, 2, ...] -> [n_head, 2, half, ...]: GGUF row h*d + 2i + j is HF row h*d + j*half + i
-    w = a.reshape(n_head, half, 2, *a.shape[1:])
-    w = w.swapaxes(1, 2) if isinstance(w, np.ndarray) else w.transpose(1, 2)
-    return w.reshape(a.shape)
 
 
 def dequantize_tensor(info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
@@ -287,81 +257,20 @@ _TORCH_DEQUANT = {GGMLQuantizationType.Q8_0: _dequant_q8_0, GGMLQuantizationType
 def load_gguf_tensors(gf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
                       keep_quantized: frozenset[int] = frozenset()) -> dict[str, torch.Tensor | RawQuantTensor]:
     """All tensors under HF names, dequantized to ``dtype`` except 2-D weights whose GGML type is in
-    ``keep_quantized`` (returned as RawQuantTensor). Llama Q/K rows are put back in HF order."""
+    ``keep_quantized`` (returned as RawQuantTensor). The model class of ``config.architecture`` names them
+    and undoes what llama.cpp's converter changed (Llama's Q/K row order, Gemma's norm offset)."""
+    from tokenmill.model.registry import model_class
+
+    family = model_class(config.architecture)
     out: dict[str, torch.Tensor | RawQuantTensor] = {}
     for name, info in gf.tensors.items():
-        hf_name = hf_tensor_name(name)
-        n_head = _permute_heads(config, name)
+        hf_name = family.hf_tensor_name(name)
+        n_head = family.gguf_row_permutation(config, hf_name)
         if len(info.shape) == 2 and int(info.ggml_type) in keep_quantized:
             data = info.data if n_head is None else unpermute_rows(info.data, n_head)
             out[hf_name] = RawQuantTensor(int(info.ggml_type), np.ascontiguousarray(data), info.shape)
             continue
-        tensor = dequantize_tensor(info, dtype)
-        out[hf_name] = tensor if n_head is None else unpermute_rows(tensor, n_head).contiguous()
+        tensor = dequantize_tensor(info, torch.float32)
+        tensor = tensor if n_head is None else unpermute_rows(tensor, n_head).contiguous()
+        out[hf_name] = family.convert_gguf_tensor(config, hf_name, tensor).to(dtype)
     return out
-
-
-def _permute_heads(config: ModelConfig, gguf_name: str) -> int | None:
-    """Head count to undo the Q/K row permutation with, or None (qwen2 keeps the HF order)."""
-    if config.architecture != "llama":
-        return None
-    if ".attn_q." in gguf_name:
-        return config.num_attention_heads
-    if ".attn_k." in gguf_name:
-        return config.num_key_value_heads
-    return None
-
-
-# Pre-tokenizer split patterns by ``tokenizer.ggml.pre`` (the same regexes the models' own
-# tokenizer.json files use). "smollm" and plain GPT-2 use ByteLevel's built-in GPT-2 regex.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-
-
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer for a GGUF ``tokenizer.ggml.pre`` value (GPT-2's regex when unknown)."""
-    if pre in ("llama-bpe", "llama3", "qwen2"):
-        pattern = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre == "smollm":  # SmolLM splits every digit on its own before the GPT-2 regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
-
-
-def tokenizer_from_gguf(gf: GGUFFile) -> Tokenizer:
-    """Rebuild the model's byte-level BPE tokenizer from ``tokenizer.ggml.*`` metadata."""
-    md = gf.metadata
-    kind = md.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"{gf.path!r}: unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2' byte-level BPE)")
-    tokens: list[str] = md["tokenizer.ggml.tokens"]
-    types: list[int] = md.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    pre = md.get("tokenizer.ggml.pre", "default")
-    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
-    bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre in ("llama-bpe", "llama3"))
-    backend = tokenizers.Tokenizer(bpe)
-    backend.pre_tokenizer = _pre_tokenizer(pre)
-    backend.decoder = decoders.ByteLevel()
-    if pre == "qwen2":
-        backend.normalizer = normalizers.NFC()
-    # token_type 3 = control (special), 4 = user-defined (matched whole in text, not special)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types, strict=True) if ty == 3])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 4])
-
-    def token(key: str) -> str | None:
-        i = md.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    bos = token("bos")
-    if md.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, md["tokenizer.ggml.bos_token_id"])])
-    return Tokenizer(backend, bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
-                     pad_token=token("padding"), eos_token_ids=gguf_eos_token_ids(md),
-                     chat_template=md.get("tokenizer.chat_template"))

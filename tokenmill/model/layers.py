@@ -176,16 +176,27 @@ def _dynamic_angles_(angles: torch.Tensor, head_dim: int, base: float, factor: f
     angles[max_pos:] = long[:, None] * _inv_freq(head_dim, grown[:, None])  # [P_long, D/2]
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up computed by one fused matmul."""
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, gate_up: nn.Module, down: nn.Module, intermediate_size: int) -> None:
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh}
+
+
+class GatedMLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up computed by one fused matmul.
+
+    act is SiLU (SwiGLU: Llama, Qwen, Phi-3) or tanh-approximated GELU (GeGLU: Gemma).
+    """
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module, intermediate_size: int, act: str = "silu") -> None:
         super().__init__()
         self.gate_up = gate_up  # [N, hidden] -> [N, 2 * intermediate]
         self.down = down
         self.intermediate_size = intermediate_size
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # [N, 2I]
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.act(gate) * up)

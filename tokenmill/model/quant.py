@@ -1,4 +1,4 @@
-"""Weight-only quantized linear layers: GGUF Q4_0/Q4_1/Q8_0 blocks and float weights on int4 kernels.
+"""Weight-only quantized linear layers: GGUF Q4_0/Q4_1/Q4_K/Q5_0/Q8_0 blocks and float weights on int4 kernels.
 
 Decode reads every weight once per step, so its speed is the size of the weights. This module keeps
 them small and runs PyTorch's int4 matmul on them without ever materializing a float copy.
@@ -33,8 +33,13 @@ GROUP_SIZE = 32
 # GGML type ids (gguf.GGMLQuantizationType values) this module keeps quantized.
 GGML_Q4_0 = 2
 GGML_Q4_1 = 3
+GGML_Q5_0 = 6
 GGML_Q8_0 = 8
-SUPPORTED_GGML_TYPES = frozenset({GGML_Q4_0, GGML_Q4_1, GGML_Q8_0})
+GGML_Q4_K = 12
+# Converted without loss: Q4_0, Q4_1 and Q4_K to int4, Q5_0 and Q8_0 to int8. Q6_K (16-column groups) and
+# the other k-quants have no exact form here: the loader dequantizes them to the model dtype.
+SUPPORTED_GGML_TYPES = frozenset({GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0, GGML_Q4_K})
+QK_K = 256  # weights per k-quant super-block
 
 
 @dataclass
@@ -123,8 +128,44 @@ def from_gguf(ggml_type: int, data: np.ndarray, shape: tuple[int, int]) -> Quant
         b = _blocks(data, shape, 34)
         q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(shape)
         return Int8Weight(q=torch.from_numpy(q), scale=_f16(b, 0))
-    raise ValueError(f"ggml_type must be one of {sorted(SUPPORTED_GGML_TYPES)} (Q4_0, Q4_1, Q8_0), "
+    if ggml_type == GGML_Q5_0:
+        return _from_q5_0(data, shape)
+    if ggml_type == GGML_Q4_K:
+        return _from_q4_k(data, shape)
+    raise ValueError(f"ggml_type must be one of {sorted(SUPPORTED_GGML_TYPES)} (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K), "
                      f"got {ggml_type}")
+
+
+def _from_q5_0(data: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+    """Q5_0 block: d f16, qh u32 (bit j = 5th bit of item j), 16 bytes of nibbles; x = d * (q - 16).
+    q - 16 lies in -16..15, so it is an exact int8 weight with the block's scale."""
+    b = _blocks(data, shape, 22)
+    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [N, G, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [N, G, 32]
+    low = np.concatenate([b[..., 6:] & 0x0F, b[..., 6:] >> 4], axis=-1)  # [N, G, 32]
+    q = (low | (high << 4)).astype(np.int8) - np.int8(16)
+    return Int8Weight(q=torch.from_numpy(q.reshape(shape)), scale=_f16(b, 0))
+
+
+def _from_q4_k(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
+    """Q4_K super-block of 256: d f16, dmin f16, 12 bytes of 6-bit (scale, min) pairs for its 8 groups of 32,
+    128 bytes of nibbles; x = d * sc * q - dmin * m. That is int4 with scale d*sc and zero 8*d*sc - dmin*m."""
+    from gguf.quants import Q4_K  # the 6-bit scale unpacking, as the reference dequantizer does it
+
+    n, k = shape
+    if k % QK_K:
+        raise ValueError(f"in_features must be a multiple of {QK_K} for Q4_K, got {k}")
+    b = np.ascontiguousarray(data, dtype=np.uint8).reshape(n * k // QK_K, 144)
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(b[:, 4:16])  # [B, 8] each
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, k)  # item order: per 64, the low nibbles of 32 bytes, then their high nibbles
+    scale = (d * sc.astype(np.float32)).reshape(n, k // GROUP_SIZE)
+    offset = (dmin * m.astype(np.float32)).reshape(n, k // GROUP_SIZE)
+    scale_t = torch.from_numpy(scale)
+    return Int4Weight(q=torch.from_numpy(np.ascontiguousarray(q)), scale=scale_t,
+                      zero=8 * scale_t - torch.from_numpy(offset))
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:
@@ -311,6 +352,32 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
 
 
+class QuantEmbedding(nn.Module):
+    """Row lookup in a group-quantized table (a GGUF Q8_0 / Q4 embedding) with no float copy of the table:
+    only the T rows a step asks for are dequantized (for Gemma 3's 262k x 640 table: 0.19 GB instead of 0.67)."""
+
+    def __init__(self, w: object, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        w = as_quant_weight(w)
+        self.dtype, self.is_int8 = dtype, isinstance(w, Int8Weight)
+        self.register_buffer("q", w.q.to(device))  # int8 [V, K] or uint8 codes [V, K]
+        self.register_buffer("scale", w.scale.to(device))  # float32 [V, K // 32]
+        self.register_buffer("zero", None if self.is_int8 else w.zero.to(device))
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.q.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> rows [T, K] in the model dtype, exactly ``dequantize()[ids]`` rounded once."""
+        q = self.q.index_select(0, ids).float()
+        scale = self.scale.index_select(0, ids).repeat_interleave(GROUP_SIZE, dim=1)
+        if self.is_int8:
+            return (q * scale).to(self.dtype)
+        zero = self.zero.index_select(0, ids).repeat_interleave(GROUP_SIZE, dim=1)
+        return ((q - 8) * scale + zero).to(self.dtype)
+
+
 def make_quant_linear(weights: list[object], biases: list[torch.Tensor] | None, dtype: torch.dtype,
                       device: torch.device) -> QuantLinear:
     """``layers.make_linear``'s quantized branch: fuse ``weights`` into one QuantLinear; biases in dtype."""
@@ -322,7 +389,7 @@ def keep_quantized_types(mode: str, model_format: str) -> frozenset[int]:
     """GGML types the loader should hand over raw for ``EngineConfig.quantization`` ``mode``."""
     if mode == "none" or model_format != "gguf":
         return frozenset()
-    return SUPPORTED_GGML_TYPES  # auto, int4, int8: GGUF Q4_0/Q4_1/Q8_0 convert losslessly
+    return SUPPORTED_GGML_TYPES  # auto, int4, int8: GGUF Q4_0/Q4_1/Q4_K/Q5_0/Q8_0 convert losslessly
 
 
 # Projections that int4/int8 mode quantizes; the embedding and lm_head stay as loaded (quality).

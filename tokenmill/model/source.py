@@ -136,22 +136,10 @@ def load_checkpoint(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float
 
 
 def expected_tensor_names(config: ModelConfig) -> tuple[set[str], set[str]]:
-    """(required, optional) Hugging Face parameter names of a Llama-family model of ``config``.
+    """(required, optional) Hugging Face parameter names of a model of ``config``, as its class declares them."""
+    from tokenmill.model.registry import model_class  # lazy: the registry imports every model family
 
-    Optional: the o_proj and MLP biases that Llama's attention_bias / mlp_bias add.
-    """
-    required = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        required.add("lm_head.weight")
-    linears = [*(f"self_attn.{p}_proj" for p in "qkvo"), *(f"mlp.{p}_proj" for p in ("gate", "up", "down"))]
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", *(f"{n}.weight" for n in linears)]
-    qkv_bias = [f"self_attn.{p}_proj.bias" for p in "qkv"]
-    if config.attention_bias:
-        per_layer += qkv_bias
-    optional_per_layer = [f"{n}.bias" for n in linears if f"{n}.bias" not in per_layer]
-    layers = range(config.num_hidden_layers)
-    required.update(f"model.layers.{i}.{p}" for i in layers for p in per_layer)
-    return required, {f"model.layers.{i}.{p}" for i in layers for p in optional_per_layer}
+    return model_class(config.architecture).expected_tensor_names(config)
 
 
 def check_tensor_names(config: ModelConfig, tensors: dict[str, object], path: str) -> None:
