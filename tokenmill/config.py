@@ -6,7 +6,7 @@ field and its allowed range, so bad input never reaches the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -14,6 +14,7 @@ QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("sliding_attention", "full_attention")
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass
@@ -75,6 +76,57 @@ class ModelConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding, with vLLM's ``speculative_config`` keys.
+
+    method "ngram": drafts are the tokens that followed the last n tokens (n from
+    prompt_lookup_max down to prompt_lookup_min) where they occurred before in the prompt or
+    output. method "draft_model": drafts come from ``model``, a smaller model with the same
+    tokenizer. ``disable_by_batch_size``: no drafts in a step with more running sequences than
+    this (verifying costs compute that a large batch has no spare of).
+    """
+
+    method: str | None = None  # default: "draft_model" when model is set, else "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    model: str | None = None
+    disable_by_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = "draft_model" if self.model else "ngram"
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+                raise ValueError(f"speculative_config: {name} must be an integer in [1, 32], got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if isinstance(self.disable_by_batch_size, bool) or not isinstance(self.disable_by_batch_size, int) \
+                or self.disable_by_batch_size < 1:
+            raise ValueError(f"speculative_config: disable_by_batch_size must be an integer >= 1, "
+                             f"got {self.disable_by_batch_size!r}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError('speculative_config: method "draft_model" needs "model" (the draft model)')
+        if self.method == "ngram" and self.model:
+            raise ValueError('speculative_config: "model" is only used with method "draft_model"')
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeculativeConfig:
+        """From the ``speculative_config`` dict / JSON; unknown keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"speculative_config must be a dict (JSON object), got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs to start: which model, where, and how much to batch."""
 
@@ -91,6 +143,8 @@ class EngineConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix seen before
+    # speculative decoding: a SpeculativeConfig or its dict ({"method": "ngram", ...}); None = off
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -109,6 +163,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:

@@ -23,6 +23,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.spec_decode import build_proposer
 from tokenmill.engine.step import EngineCoreOutput, SequenceStop
 from tokenmill.model.loading import load_model
 from tokenmill.sampling_params import SamplingParams
@@ -64,6 +65,9 @@ class EngineStats:
     prefix_cache_hits_total: int = 0  # of those, tokens found (their KV reused, not recomputed)
     kv_blocks_cached_free: int = 0  # unused blocks still holding a cached prefix (reusable, evictable)
     requests_received_total: int = 0  # requests the scheduler has taken in (the rest are still in the inbox)
+    spec_decode_drafts_total: int = 0  # sequence-steps verified with draft tokens (speculative decoding)
+    spec_decode_draft_tokens_total: int = 0  # draft tokens verified
+    spec_decode_accepted_tokens_total: int = 0  # of those, accepted
 
     @property
     def kv_cache_usage(self) -> float:
@@ -118,7 +122,8 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, cache, device, loaded.config.vocab_size, eos,
                                   compile_decode=config.compile)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, eos,
-                                   max_model_len, loaded.tokenizer)
+                                   max_model_len, loaded.tokenizer, config.speculative_config)
+        self.proposer = build_proposer(config, loaded, num_blocks, dtype, device)
         self._cond = threading.Condition()  # the one lock: guards the inbox
         self._inbox: list[Request | _Abort] = []
         self._ids_in_inbox: set[str] = set()
@@ -180,7 +185,9 @@ class EngineCore:
             prompt_tokens_total=c.prompt_tokens, generation_tokens_total=c.generation_tokens,
             tokens_prefilled_last_step=c.last_step_prefill_tokens, tokens_decoded_last_step=c.last_step_decode_tokens,
             prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
-            kv_blocks_cached_free=kv.num_cached_free_blocks, requests_received_total=self._num_received)
+            kv_blocks_cached_free=kv.num_cached_free_blocks, requests_received_total=self._num_received,
+            spec_decode_drafts_total=c.spec_drafts, spec_decode_draft_tokens_total=c.spec_draft_tokens,
+            spec_decode_accepted_tokens_total=c.spec_accepted_tokens)
 
     # ---- the stepping thread ----------------------------------------------------------------
 
@@ -193,10 +200,13 @@ class EngineCore:
         new_ids, outputs = self._drain_inbox()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            self._propose_drafts()  # nothing runs: the proposer lets go of finished sequences
             return outputs
         try:
             result = self.runner.execute(plan)
-            return outputs + self.scheduler.update_from_output(plan, result)
+            outputs += self.scheduler.update_from_output(plan, result)
+            self._propose_drafts()  # for the next step, from the tokens this one produced
+            return outputs
         except Exception as exc:
             # A request that breaks the engine almost always does so on its first step, so the ones
             # added just now are the suspects; with none we cannot tell and end every running one.
@@ -210,6 +220,13 @@ class EngineCore:
         """End samples whose text matched a stop string (from the OutputProcessor, on the stepping thread)."""
         for stop in stops:
             self.scheduler.stop_sequence(stop.request_id, stop.index, stop.stop_string)
+
+    def _propose_drafts(self) -> None:
+        """Speculative decoding: drafts for the sequences the scheduler lets speculate this step."""
+        if self.proposer is None:
+            return
+        live = {seq.seq_id for request in self.scheduler.running for seq in request.live_seqs}
+        self.scheduler.set_draft_tokens(self.proposer.propose(self.scheduler.speculation_candidates(), live))
 
     def _drain_inbox(self) -> tuple[list[str], list[EngineCoreOutput]]:
         with self._cond:

@@ -17,7 +17,7 @@ import torch
 
 from tokenmill.engine.kv_cache import KVCacheTensors
 from tokenmill.engine.request import TokenLogprobs
-from tokenmill.engine.sampler import Sampler, SampleRow, SamplingBatch, token_logprobs
+from tokenmill.engine.sampler import Sampler, SampleRow, SamplingBatch, draw_uniform, token_logprobs
 from tokenmill.engine.step import ModelRunnerOutput, SampledTokens, ScheduledSeq, SchedulerOutput
 from tokenmill.model.attention import AttentionMetadata, SeqSlice
 
@@ -115,6 +115,10 @@ class ModelRunner:
         if not rows:
             return
         batch = SamplingBatch.build(rows, self.vocab_size, self.eos_token_ids, logits.device)
+        # a sampled sequence verifying drafts draws one uniform per row, but only the positions it
+        # keeps may consume one (as in plain decoding): its generator is rewound to match below
+        saved = {s.seq.seq_id: s.seq.generator.get_state() for s, _ in logit_rows
+                 if s.draft_token_ids and s.seq.generator is not None and not s.request.params.use_beam_search}
         result = self.sampler(logits.index_select(0, torch.tensor(index, device=logits.device)), batch)
         position = 0
         for s, _ in logit_rows:
@@ -126,8 +130,10 @@ class ModelRunner:
             if s.num_samples > 1:  # n samples of one row: one token each
                 out.sampled[s.seq.seq_id] = [_tokens(result, [i], s) for i in picked]
             else:  # one token, or the verified run of drafts plus one
-                out.sampled[s.seq.seq_id] = [_tokens(result, _accepted(list(picked), result.token_ids,
-                                                                        s.draft_token_ids), s)]
+                kept = _accepted(list(picked), result.token_ids, s.draft_token_ids)
+                out.sampled[s.seq.seq_id] = [_tokens(result, kept, s)]
+                if s.seq.seq_id in saved and not batch.greedy_rows[picked[0]]:
+                    _rewind(s.seq.generator, saved[s.seq.seq_id], len(kept), logits.device)
 
     @staticmethod
     def _sample_rows(s: ScheduledSeq, first: int) -> list[tuple[SampleRow, int]]:
@@ -137,9 +143,15 @@ class ModelRunner:
             return [(SampleRow(request.params, seq.prompt_token_ids, [], request.sample_generators[i]), first)
                     for i in range(s.num_samples)]
         outputs = seq.output_token_ids
-        # row j follows draft tokens 0..j-1: they count as output for the penalties
-        return [(SampleRow(request.params, seq.prompt_token_ids, outputs + s.draft_token_ids[:j], seq.generator),
-                 first + j) for j in range(s.num_logit_rows)]
+        # row j follows draft tokens 0..j-1: they count as output for the penalties; it verifies
+        # draft j against the draft's distribution when that is not one-hot
+        rows = []
+        for j in range(s.num_logit_rows):
+            row = SampleRow(request.params, seq.prompt_token_ids, outputs + s.draft_token_ids[:j], seq.generator)
+            if s.draft_probs is not None and j < len(s.draft_token_ids):
+                row.draft_token_id, row.draft_probs = s.draft_token_ids[j], s.draft_probs[j]
+            rows.append((row, first + j))
+        return rows
 
     def _prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor, out: ModelRunnerOutput) -> None:
         for s, first, count in inputs.prompt_rows:
@@ -149,15 +161,22 @@ class ModelRunner:
 
 
 def _accepted(rows: list[int], sampled: list[int], drafts: list[int]) -> list[int]:
-    """Rows whose tokens are kept: the sampled token at each position, as long as the draft there was
-    right. Each kept token was drawn from the model's own distribution given the tokens before it,
-    so the output is distributed exactly as without drafts."""
+    """Rows whose tokens are kept: the token at each position, as long as the draft there was accepted
+    (the sampler's token at a draft position equals the draft exactly when it accepted it, see
+    spec_decode.py), then the one at the first rejected position (or the bonus row after the last)."""
     kept = []
     for j, row in enumerate(rows):
         kept.append(row)
         if j >= len(drafts) or sampled[row] != drafts[j]:
             break
     return kept
+
+
+def _rewind(generator: torch.Generator, state: torch.Tensor, num_draws: int, device: torch.device) -> None:
+    """Put generator where num_draws uniforms after ``state`` leave it (one per kept position)."""
+    generator.set_state(state)
+    for _ in range(num_draws):
+        draw_uniform(generator, device)
 
 
 def _tokens(result, rows: list[int], s: ScheduledSeq) -> SampledTokens:

@@ -64,8 +64,10 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    # Draft tokens proposed to follow token_ids, verified in the next forward (speculative decoding).
+    # Draft tokens proposed to follow token_ids, verified in the next forward (speculative decoding),
+    # and the distribution each was drawn from ([k, V]; None: one-hot, as n-gram and greedy drafts are).
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def output_token_ids(self) -> list[int]:

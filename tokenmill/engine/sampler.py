@@ -17,6 +17,9 @@ run in this order, each a small pure function over the whole batch:
 8. ``sample``: inverse CDF over the vocabulary in token-id order with one uniform per row drawn
    from that row's own generator. The result depends only on the row's logits, its parameters
    and its generator, so a seeded request gives the same tokens alone or in any batch.
+   A row that verifies a draft token drawn from a full distribution q (a draft model) uses its
+   uniform for rejection sampling instead (``spec_decode.rejection_sample``); a one-hot draft
+   (n-gram) needs nothing more: the row's own sample is the verdict (accepted when it equals it).
 
 Reported logprobs are the raw model distribution (log_softmax before step 1), like vLLM's
 default. Fast paths: a batch that is all greedy with nothing in steps 1-3 is a single argmax;
@@ -31,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from tokenmill.engine.spec_decode import rejection_sample
 from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
@@ -56,6 +60,10 @@ class SampleRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None  # the request's own generator (seeded when params.seed is set)
+    # speculative decoding: the draft token this row verifies and the distribution q [V] it was
+    # drawn from; only set for a q that is not one-hot (one-hot drafts need no special handling)
+    draft_token_id: int | None = None
+    draft_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,6 +101,8 @@ class SamplingBatch:
     # Reporting.
     logprobs_k: list[int | None]
     processed_k: list[int | None]
+    # Rows verifying drafts drawn from a full distribution (sampled rows only).
+    drafts: DraftRows | None = None
 
     @property
     def needs_processing(self) -> bool:
@@ -130,7 +140,26 @@ class SamplingBatch:
             if any_min_p else None,
             logprobs_k=[p.logprobs for p in params],
             processed_k=[p.return_processed_topk for p in params],
+            drafts=DraftRows.build(rows, greedy, device),
         )
+
+
+class DraftRows(NamedTuple):
+    """The rows that verify a draft token against the draft's distribution q."""
+
+    rows: torch.Tensor  # [R] long, row index in the batch
+    token_ids: torch.Tensor  # [R] long, the draft token
+    probs: torch.Tensor  # [R, V] q
+
+    @staticmethod
+    def build(rows: list[SampleRow], greedy: list[bool], device: torch.device) -> DraftRows | None:
+        picked = [i for i, (r, g) in enumerate(zip(rows, greedy, strict=True))
+                  if r.draft_probs is not None and not g]
+        if not picked:
+            return None
+        return DraftRows(torch.tensor(picked, dtype=torch.long, device=device),
+                         torch.tensor([rows[i].draft_token_id for i in picked], dtype=torch.long, device=device),
+                         torch.stack([rows[i].draft_probs for i in picked]).to(device))
 
 
 def _build_bias(params: list[SamplingParams], vocab_size: int, device: torch.device) -> TokenEntries | None:
@@ -306,17 +335,26 @@ def sample(logits: torch.Tensor, generators: list[torch.Generator | None],
     depend on how other rows made the batch take a fast or slow path. float64 keeps tokens with
     tiny probabilities from vanishing in the running sum.
     """
+    return sample_with_uniforms(logits, draw_uniforms(generators, skip, logits.device))
+
+
+def draw_uniforms(generators: list[torch.Generator | None], skip: list[bool] | None,
+                  device: torch.device) -> torch.Tensor:
+    """[B] float64: one uniform per row from the row's generator (0 for skipped rows, which draw none)."""
+    skip = skip or [False] * len(generators)
+    return torch.stack([torch.zeros((), dtype=torch.float64, device=device) if s else draw_uniform(g, device)
+                        for g, s in zip(generators, skip, strict=True)])
+
+
+def sample_with_uniforms(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF in token-id order: row i's token for its uniform uniforms[i] ([B] float64)."""
     probs = logits.softmax(dim=-1).double()  # [B, V]
     cdf = probs.cumsum(dim=-1)
-    skip = skip or [False] * len(generators)
-    uniforms = torch.stack([torch.zeros((), dtype=torch.float64, device=logits.device) if s
-                            else _uniform(g, logits.device)
-                            for g, s in zip(generators, skip, strict=True)]).unsqueeze(1)  # [B, 1]
-    token_ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(1)
+    token_ids = torch.searchsorted(cdf, uniforms.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
     return token_ids.clamp(max=logits.shape[-1] - 1)
 
 
-def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def draw_uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """One uniform in [0, 1) from the row's generator, on the generator's own device."""
     gen_device = generator.device if generator is not None else device
     return torch.rand((), generator=generator, dtype=torch.float64, device=gen_device).to(device)
@@ -362,7 +400,12 @@ class Sampler:
         else:
             processed = apply_penalties(logits, batch)
             final = apply_truncation(processed, batch)
-            token_ids = sample(final, batch.generators, batch.greedy_rows)
+            uniforms = draw_uniforms(batch.generators, batch.greedy_rows, logits.device)
+            token_ids = sample_with_uniforms(final, uniforms)
+            if batch.drafts is not None:
+                d = batch.drafts
+                token_ids = token_ids.index_put(
+                    (d.rows,), rejection_sample(final[d.rows], uniforms[d.rows], d.token_ids, d.probs))
             if any(batch.greedy_rows):
                 token_ids = torch.where(batch.greedy, processed.argmax(dim=-1), token_ids)
         chosen_logit = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]

@@ -10,6 +10,11 @@ recomputed later (its generated tokens are kept; the prefix cache usually still 
 
 ``update_from_output()`` applies the runner's answer: computed tokens, appended tokens, stop
 checks, forks (n samples, beams), finishing and freeing.
+
+Speculative decoding: ``speculation_candidates()`` names the decoding sequences that may get
+draft tokens this step (none above the batch-size limit, none for beam search); a proposer
+(engine/spec_decode.py) drafts for them and ``set_draft_tokens()`` stores the drafts, which the
+next ``schedule()`` feeds after each sequence's last token, with lookahead slots for their K/V.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from typing import Any
 
 import torch
 
+from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.beam_search import BeamSearch
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import FinishReason, Request, RequestStatus, Sequence
 from tokenmill.engine.step import (
+    DraftProposal,
     EngineCoreOutput,
     ModelRunnerOutput,
     SampledTokens,
     ScheduledSeq,
     SchedulerOutput,
     SeqDelta,
+    SpecCandidate,
 )
 from tokenmill.engine.stopping import check_stop
 
@@ -46,14 +54,19 @@ class SchedulerCounters:
     prefix_cache_hits: int = 0  # of those, tokens whose KV was reused
     last_step_prefill_tokens: int = 0
     last_step_decode_tokens: int = 0
+    spec_drafts: int = 0  # sequences verified with draft tokens (one per sequence and step)
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 class Scheduler:
     """Holds the waiting and running queues, plans each step and applies its results."""
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 eos_token_ids: list[int], max_model_len: int, tokenizer: Any = None) -> None:
+                 eos_token_ids: list[int], max_model_len: int, tokenizer: Any = None,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.kv = kv
+        self.speculative_config = speculative_config
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.eos_token_ids = eos_token_ids
@@ -108,6 +121,48 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- speculative decoding ---------------------------------------------------------------
+
+    def speculation_candidates(self) -> list[SpecCandidate]:
+        """Decoding sequences that may get drafts for the next step.
+
+        None when speculation is off, or when more sequences are running than
+        ``disable_by_batch_size`` (a large batch already keeps the compute busy: verifying drafts
+        would cost more than it saves). Beam search never speculates; a sequence speculates once it
+        has its first output token (the prompt's last step samples it, and forks n samples there).
+        """
+        config = self.speculative_config
+        if config is None:
+            return []
+        live = [(r, s) for r in self.running for s in r.live_seqs]
+        if len(live) > config.disable_by_batch_size:
+            return []
+        candidates = []
+        for request, seq in live:
+            params = request.params
+            if params.use_beam_search or seq.num_output_tokens == 0 or seq.is_prefilling:
+                continue
+            room = self.max_model_len - seq.num_tokens - 1
+            if params.max_tokens is not None:
+                room = min(room, params.max_tokens - seq.num_output_tokens - 1)
+            room = min(room, config.num_speculative_tokens)
+            if room > 0:
+                candidates.append(SpecCandidate(seq, params, room))
+        return candidates
+
+    def set_draft_tokens(self, proposals: dict[int, DraftProposal]) -> None:
+        """Store each proposal (keyed by seq_id) on its sequence, for the next ``schedule()``."""
+        for request in self.running:
+            for seq in request.live_seqs:
+                proposal = proposals.get(seq.seq_id)
+                if proposal is not None and proposal.token_ids:
+                    seq.draft_token_ids, seq.draft_probs = list(proposal.token_ids), proposal.probs
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        self.counters.spec_drafts += 1
+        self.counters.spec_draft_tokens += num_drafts
+        self.counters.spec_accepted_tokens += num_accepted
+
     # ---- planning ---------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -147,14 +202,18 @@ class Scheduler:
         if remaining == 1 and seq.draft_token_ids:
             room = min(budget - 1, self.max_model_len - seq.num_tokens)
             drafts = seq.draft_token_ids[:max(0, room)]
-        n = min(remaining + len(drafts), budget)
+        n = min(remaining, budget)
         if n <= 0:
             return ScheduledSeq(request, seq, 0, seq.num_computed_tokens, [])
         while True:
-            copies = self.kv.allocate_slots(seq, n)
+            # the drafts' K/V go into lookahead slots, given back for the drafts that get rejected
+            copies = self.kv.allocate_slots(seq, n, num_lookahead_tokens=len(drafts))
             if copies is not None:
                 out.block_copies += copies
-                return self._scheduled(request, seq, n, drafts)
+                return self._scheduled(request, seq, n + len(drafts), drafts)
+            if drafts:  # no room for the drafts: decode without them rather than preempt anyone
+                drafts = []
+                continue
             victim = self.running[-1]
             self.preempt(victim, out)
             if victim is request:
@@ -197,7 +256,8 @@ class Scheduler:
         fan_out = (params.n > 1 and not params.use_beam_search and len(request.seqs) == 1
                    and seq.num_output_tokens == 0)
         start = seq.num_computed_tokens
-        return ScheduledSeq(request, seq, n, start, self.kv.block_table(seq), list(drafts),
+        probs = seq.draft_probs[:len(drafts)] if drafts and seq.draft_probs is not None else None
+        return ScheduledSeq(request, seq, n, start, self.kv.block_table(seq), list(drafts), probs,
                             num_samples=params.n if fan_out else 1,
                             samples=start + n - len(drafts) == seq.num_tokens)
 
@@ -206,7 +266,7 @@ class Scheduler:
         for seq in request.seqs:
             self.kv.free(seq)
             seq.num_computed_tokens = 0
-            seq.draft_token_ids = []
+            seq.draft_token_ids, seq.draft_probs = [], None
         self.running.remove(request)
         self.waiting.appendleft(request)
         request.status = RequestStatus.WAITING
@@ -232,7 +292,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft_token_ids)
-            seq.draft_token_ids = []
+            seq.draft_token_ids, seq.draft_probs = [], None
             self.kv.cache_full_blocks(seq, request.cache_salt)
             self._add_prompt_logprobs(request, s, out)
             if not s.samples:
@@ -241,6 +301,8 @@ class Scheduler:
                 beam_rows.setdefault(request.request_id, []).append((seq, out.beam_logits[seq.seq_id]))
             else:
                 samples = out.sampled[seq.seq_id]
+                if s.draft_token_ids:
+                    self._count_drafts(len(s.draft_token_ids), len(samples[0].token_ids) - 1)
                 targets = self._fan_out(request, seq, len(samples))
                 request_deltas = deltas.setdefault(request.request_id, [])
                 for target, sampled in zip(targets, samples, strict=True):

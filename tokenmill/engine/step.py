@@ -18,6 +18,7 @@ import torch
 from tokenmill.engine.kv_cache import BlockCopy
 from tokenmill.engine.request import FinishReason, Request, Sequence, TokenLogprobs
 from tokenmill.outputs import RequestMetrics
+from tokenmill.sampling_params import SamplingParams
 
 # A prompt position's raw logprobs: token id -> (logprob, rank), for the actual token and the top k.
 PromptLogprobEntry = dict[int, tuple[float, int]]
@@ -38,6 +39,7 @@ class ScheduledSeq:
     start: int  # seq.num_computed_tokens when planned: the position of the first fed token
     block_table: list[int]
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [len(draft_token_ids), V] the drafts' distribution; None: one-hot
     num_samples: int = 1  # n > 1: the request's n samples all draw their first token from this row
     samples: bool = False  # this step computes the sequence's last token: its next token(s) are sampled
 
@@ -66,6 +68,23 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class SpecCandidate:
+    """A decoding sequence that may get draft tokens for the next step (speculative decoding)."""
+
+    seq: Sequence
+    params: SamplingParams
+    max_drafts: int  # at most this many: more could never all be used (max_tokens, context length)
+
+
+@dataclass
+class DraftProposal:
+    """Draft tokens for one sequence, and the distribution each was drawn from (None: one-hot)."""
+
+    token_ids: list[int]
+    probs: torch.Tensor | None = None  # [len(token_ids), V]
 
 
 @dataclass
