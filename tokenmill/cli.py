@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from typing import Any
@@ -52,11 +53,45 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=ENGINE["enable_prefix_caching"],
                    help="recompute every prompt instead of reusing the KV of prefixes seen before")
+    s = parser.add_argument_group("speculative decoding (off unless one of these is given)")
+    s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='vLLM\'s speculative_config, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\' or \'{"model": "draft.gguf"}\'')
+    for flag, key, kind in (("--num-speculative-tokens", "num_speculative_tokens", int),
+                            ("--prompt-lookup-min", "prompt_lookup_min", int),
+                            ("--prompt-lookup-max", "prompt_lookup_max", int),
+                            ("--draft-model", "model", str),
+                            ("--speculative-disable-batch-size", "disable_by_batch_size", int)):
+        s.add_argument(flag, dest=f"spec_{key}", type=kind, default=None, metavar="PATH" if kind is str else "N",
+                       help=f'sets "{key}" of --speculative-config (n-gram proposals unless --draft-model)')
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def speculative_config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--speculative-config with the single-key flags merged in (they win); None when none is given."""
+    config = dict(args.speculative_config or {})
+    for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model", "disable_by_batch_size"):
+        value = getattr(args, f"spec_{key}", None)
+        if value is not None:
+            config[key] = value
+    return config or None
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from every flag whose dest is one of its fields."""
-    return EngineConfig(**{name: getattr(args, name) for name in ENGINE if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in ENGINE if hasattr(args, name)}
+    if hasattr(args, "speculative_config"):
+        values["speculative_config"] = speculative_config_from_args(args)
+    return EngineConfig(**values)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@ several engines or apps in one process (tests) never collide. The engine thread 
 it: ``record_finished`` for each finished RequestOutput, ``record_stats`` after each step.
 
 The prefix-cache counters are also exported under vLLM v1's names (``vllm:prefix_cache_queries_total``,
-``vllm:prefix_cache_hits_total``), so a dashboard built for vLLM can plot the hit rate unchanged.
+``vllm:prefix_cache_hits_total``), so a dashboard built for vLLM can plot the hit rate unchanged; so
+are the speculative-decoding counters (``vllm:spec_decode_num_drafts_total``,
+``vllm:spec_decode_num_draft_tokens_total``, ``vllm:spec_decode_num_accepted_tokens_total``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class EngineMetrics:
         # vLLM labels these by model_name; this registry has no model name, so they carry no label.
         vllm_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in queried tokens.", registry=r)
         vllm_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", registry=r)
+        self.spec_drafts = Counter("tokenmill_spec_decode_num_drafts",
+                                   "Speculative decoding: sequence steps that verified draft tokens.", registry=r)
+        self.spec_draft_tokens = Counter("tokenmill_spec_decode_draft_tokens",
+                                         "Speculative decoding: draft tokens verified.", registry=r)
+        self.spec_accepted_tokens = Counter("tokenmill_spec_decode_accepted_tokens",
+                                            "Speculative decoding: draft tokens accepted.", registry=r)
+        vllm_drafts = Counter("vllm:spec_decode_num_drafts", "Speculative decoding drafts.", registry=r)
+        vllm_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", registry=r)
+        vllm_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=r)
         # Each EngineStats total and the counters it advances (by the difference to the last record_stats).
         self._total_counters: dict[str, tuple[Counter, ...]] = {
             "prompt_tokens_total": (self.prompt_tokens,),
@@ -73,6 +84,9 @@ class EngineMetrics:
             "num_preemptions_total": (self.preemptions,),
             "prefix_cache_queries_total": (self.prefix_cache_queries, vllm_queries),
             "prefix_cache_hits_total": (self.prefix_cache_hits, vllm_hits),
+            "spec_decode_drafts_total": (self.spec_drafts, vllm_drafts),
+            "spec_decode_draft_tokens_total": (self.spec_draft_tokens, vllm_draft_tokens),
+            "spec_decode_accepted_tokens_total": (self.spec_accepted_tokens, vllm_accepted),
         }
         self._last_totals = dict.fromkeys(self._total_counters, 0)
 
