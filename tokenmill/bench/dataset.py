@@ -5,6 +5,10 @@ Synthetic prompts are windows of ``input_len`` tokens taken at seeded random off
 ordinary English rather than random ids, and every run with the same seed sends the same prompts.
 With ``shared_prefix_len`` every prompt starts with the same window (a system prompt, a few-shot
 preamble, a shared document), which is what a prefix cache serves.
+
+Shipped JSONL datasets (``--dataset NAME``): ``input_grounded`` (rewrite / extract / summarize /
+code-edit requests whose answers copy from the prompt: what prompt-lookup speculative decoding
+speeds up) and ``open_ended`` (stories, explanations, advice), both chat prompts.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-PROSE_PATH = Path(__file__).parent / "data" / "prose.txt"
+DATA_DIR = Path(__file__).parent / "data"
+PROSE_PATH = DATA_DIR / "prose.txt"
+SHIPPED_DATASETS = ("input_grounded", "open_ended")
 
 
 class TextTokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
 
 
 @dataclass
@@ -60,11 +67,14 @@ def _window(corpus: list[int], start: int, length: int) -> list[int]:
 
 def load_jsonl_prompts(path: str | Path, tokenizer: TextTokenizer, num_prompts: int,
                        output_len: int) -> list[BenchPrompt]:
-    """Prompts from a JSONL file: one object per line with ``"prompt"`` (text) and optionally
-    ``"output_len"`` (overrides ``output_len``). Takes the first ``num_prompts`` lines, cycling
-    through the file again when it has fewer."""
+    """Prompts from a JSONL file (or a shipped dataset's name): one object per line with ``"prompt"``
+    (text) and optionally ``"output_len"`` (overrides ``output_len``) and ``"chat"`` (true: the
+    prompt is a user message, sent through the model's chat template). Takes the first
+    ``num_prompts`` lines, cycling through the file again when it has fewer."""
     _check_positive("num_prompts", num_prompts)
     _check_positive("output_len", output_len)
+    if str(path) in SHIPPED_DATASETS:
+        path = DATA_DIR / f"{path}.jsonl"
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -74,12 +84,16 @@ def load_jsonl_prompts(path: str | Path, tokenizer: TextTokenizer, num_prompts: 
         raise ValueError(f"dataset {path}: no prompts found")
     prompts = []
     for i in range(num_prompts):
-        text, out_len = rows[i % len(rows)]
-        prompts.append(BenchPrompt(text, tokenizer.encode(text), out_len))
+        text, out_len, chat = rows[i % len(rows)]
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            prompts.append(BenchPrompt(text, tokenizer.encode(text, add_special_tokens=False), out_len))
+        else:
+            prompts.append(BenchPrompt(text, tokenizer.encode(text), out_len))
     return prompts
 
 
-def _parse_row(line: str, lineno: int, path: str | Path, output_len: int) -> tuple[str, int]:
+def _parse_row(line: str, lineno: int, path: str | Path, output_len: int) -> tuple[str, int, bool]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -89,7 +103,10 @@ def _parse_row(line: str, lineno: int, path: str | Path, output_len: int) -> tup
     out_len = row.get("output_len", output_len)
     if isinstance(out_len, bool) or not isinstance(out_len, int) or out_len < 1:
         raise ValueError(f"dataset {path} line {lineno}: output_len must be an integer >= 1, got {out_len!r}")
-    return row["prompt"], out_len
+    chat = row.get("chat", False)
+    if not isinstance(chat, bool):
+        raise ValueError(f"dataset {path} line {lineno}: chat must be true or false, got {chat!r}")
+    return row["prompt"], out_len, chat
 
 
 def _check_positive(name: str, value: int) -> None:

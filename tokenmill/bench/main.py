@@ -32,8 +32,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-rate", type=float, default=math.inf,
                    help="with --url: requests/s released on a Poisson schedule (default inf: all at once)")
     g.add_argument("--dataset", default=None,
-                   help='JSONL file, one {"prompt": str, "output_len"?: int} per line (default: synthetic '
-                        "prompts cut from prose shipped with tokenmill)")
+                   help='JSONL file, one {"prompt": str, "output_len"?: int, "chat"?: bool} per line, or a '
+                        "shipped one: input_grounded (answers copy from the prompt), open_ended (default: "
+                        "synthetic prompts cut from prose shipped with tokenmill)")
     g.add_argument("--compare", choices=["transformers", "llama.cpp"], default=None,
                    help="also run the same prompts through transformers' generate() or llama.cpp "
                         "(llama-cpp-python, same GGUF, one stream) and show both")

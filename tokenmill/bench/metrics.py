@@ -13,6 +13,10 @@ seconds). From those timestamps alone:
 The prefix-cache hit rate is the share of the input tokens of completed requests that the
 server reported as cached (RequestOutput.num_cached_tokens, or usage.prompt_tokens_details
 .cached_tokens over HTTP); unknown (None) when no request reported it.
+
+Speculative decoding (when the engine drafts): the acceptance rate is accepted / verified draft
+tokens, and the mean accepted length is the tokens one verification yields, 1 + accepted / drafts
+(vLLM's definition), from the engine's counters before and after the run.
 """
 
 from __future__ import annotations
@@ -103,6 +107,23 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding over one run: drafts verified and how many of their tokens were kept."""
+
+    num_drafts: int  # sequence steps that verified drafts
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float | None  # accepted_tokens / draft_tokens
+    mean_accepted_length: float | None  # tokens per verification: 1 + accepted_tokens / num_drafts
+
+    @classmethod
+    def of(cls, num_drafts: int, draft_tokens: int, accepted_tokens: int) -> SpecDecodeStats:
+        return cls(num_drafts, draft_tokens, accepted_tokens,
+                   accepted_tokens / draft_tokens if draft_tokens else None,
+                   1 + accepted_tokens / num_drafts if num_drafts else None)
+
+
+@dataclass
 class BenchResult:
     """The summary of one benchmark run; ``to_dict`` is the ``--json`` schema."""
 
@@ -127,6 +148,7 @@ class BenchResult:
     kv_cache: dict[str, Any] | None = None  # tokens, blocks, block_size, size_mb (engine backends)
     cached_input_tokens: int | None = None  # of total_input_tokens, served from the prefix cache
     prefix_cache_hit_rate: float | None = None  # cached_input_tokens / total_input_tokens
+    spec_decode: SpecDecodeStats | None = None  # when the engine speculated (and reports it)
     errors: list[str] = field(default_factory=list)  # first few error messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +161,7 @@ class BenchResult:
 
 def summarize(records: list[RequestRecord], duration_s: float, *, backend: str, concurrency: int | None,
               request_rate: float = math.inf, peak_gpu_memory_mb: float | None = None,
-              kv_cache: dict[str, Any] | None = None) -> BenchResult:
+              kv_cache: dict[str, Any] | None = None, spec_decode: SpecDecodeStats | None = None) -> BenchResult:
     """Fold the per-request records of one run (lasting ``duration_s``) into a BenchResult."""
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
@@ -168,6 +190,7 @@ def summarize(records: list[RequestRecord], duration_s: float, *, backend: str, 
         peak_rss_mb=peak_rss_mb(),
         peak_gpu_memory_mb=peak_gpu_memory_mb,
         kv_cache=kv_cache,
+        spec_decode=spec_decode,
         cached_input_tokens=cached,
         prefix_cache_hit_rate=cached / input_tokens if cached is not None and input_tokens else None,
         errors=[r.error or "no tokens received" for r in records if not r.ok][:5],

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from tokenmill.bench.dataset import BenchPrompt
-from tokenmill.bench.metrics import BenchResult, RequestRecord, summarize
+from tokenmill.bench.metrics import BenchResult, RequestRecord, SpecDecodeStats, summarize
 from tokenmill.engine.kv_cache import bytes_per_block
 from tokenmill.sampling_params import SamplingParams
 
@@ -35,6 +35,7 @@ def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int 
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if warmup:
         _warm_up(engine, prompts[:warmup])
+    stats_before = engine.stats()
     device = engine.info.device
     _reset_gpu_peak(device)
     limit = concurrency or len(prompts)
@@ -56,7 +57,18 @@ def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int 
     duration = time.perf_counter() - start
     bar.close()
     return summarize(records, duration, backend="tokenmill", concurrency=concurrency,
-                     peak_gpu_memory_mb=_gpu_peak_mb(device), kv_cache=kv_cache_info(engine))
+                     peak_gpu_memory_mb=_gpu_peak_mb(device), kv_cache=kv_cache_info(engine),
+                     spec_decode=_spec_decode(engine, stats_before))
+
+
+def _spec_decode(engine: LLMEngine, before: Any) -> SpecDecodeStats | None:
+    """What the run's speculation did (None when the engine does not speculate)."""
+    if engine.info.config.speculative_config is None:
+        return None
+    after = engine.stats()
+    return SpecDecodeStats.of(after.spec_decode_drafts_total - before.spec_decode_drafts_total,
+                              after.spec_decode_draft_tokens_total - before.spec_decode_draft_tokens_total,
+                              after.spec_decode_accepted_tokens_total - before.spec_decode_accepted_tokens_total)
 
 
 def _step(engine: LLMEngine, in_flight: dict[str, RequestRecord], bar: tqdm) -> None:

@@ -46,6 +46,12 @@ def _rows(result: BenchResult) -> list[tuple[str, float | None, str]]:
     if result.prefix_cache_hit_rate is not None:
         rows.append(("prefix cache hit rate (%)", result.prefix_cache_hit_rate * 100,
                      _pct(result.prefix_cache_hit_rate)))
+    spec = result.spec_decode
+    if spec is not None:
+        rows.append(("draft acceptance rate (%)", None if spec.acceptance_rate is None else spec.acceptance_rate * 100,
+                     _pct(spec.acceptance_rate)))
+        rows.append(("mean accepted length (tokens)", spec.mean_accepted_length,
+                     "-" if spec.mean_accepted_length is None else f"{spec.mean_accepted_length:.2f}"))
     rows.append(("peak RSS (MiB)", result.peak_rss_mb, f"{result.peak_rss_mb:.0f}"))
     if result.peak_gpu_memory_mb is not None:
         rows.append(("peak GPU memory (MiB)", result.peak_gpu_memory_mb, f"{result.peak_gpu_memory_mb:.0f}"))
@@ -63,6 +69,10 @@ def _header(result: BenchResult) -> list[str]:
     if result.cached_input_tokens is not None:
         lines.append(f"prefix cache: {result.cached_input_tokens} of {result.total_input_tokens} input tokens "
                      f"cached ({_pct(result.prefix_cache_hit_rate)}%)")
+    if result.spec_decode is not None:
+        spec = result.spec_decode
+        lines.append(f"speculative decoding: {spec.accepted_tokens} of {spec.draft_tokens} draft tokens accepted "
+                     f"({_pct(spec.acceptance_rate)}%) in {spec.num_drafts} verifications")
     if result.failed:
         lines.append(f"{result.failed} requests failed; first errors: {result.errors}")
     return lines

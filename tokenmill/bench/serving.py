@@ -6,6 +6,8 @@ Requests are released on a Poisson schedule (``request_rate`` per second; inf: a
 and at most ``concurrency`` are in flight. The token count of a request comes from the
 server's final usage chunk when it sends one, else from the number of text chunks; so do the
 prefix-cache hits (``usage.prompt_tokens_details.cached_tokens``, which tokenmill always sends).
+The speculative-decoding acceptance comes from the server's ``GET /metrics`` counters before and
+after the run (tokenmill's or vLLM's names), when it exports them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import httpx
 from tqdm import tqdm
 
 from tokenmill.bench.dataset import BenchPrompt
-from tokenmill.bench.metrics import BenchResult, RequestRecord, summarize
+from tokenmill.bench.metrics import BenchResult, RequestRecord, SpecDecodeStats, summarize
 
 
 async def fetch_model_name(client: httpx.AsyncClient, base_url: str) -> str:
@@ -59,6 +61,7 @@ async def run_serving(base_url: str, prompts: list[BenchPrompt], *, model: str |
     limits = httpx.Limits(max_connections=concurrency or len(prompts) or 1)
     async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits) as client:
         model = model or await fetch_model_name(client, base_url)
+        spec_before = await fetch_spec_counters(client, base_url)
         slots = asyncio.Semaphore(concurrency or len(prompts) or 1)
         bar = tqdm(total=len(prompts), desc=f"bench {base_url}", disable=not progress, leave=False)
         start = time.perf_counter()
@@ -74,7 +77,39 @@ async def run_serving(base_url: str, prompts: list[BenchPrompt], *, model: str |
         records = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays, strict=True)))
         duration = time.perf_counter() - start
         bar.close()
-    return summarize(list(records), duration, backend="http", concurrency=concurrency, request_rate=request_rate)
+        spec_after = await fetch_spec_counters(client, base_url)
+    spec = None
+    if spec_before is not None and spec_after is not None and spec_after[1] > spec_before[1]:
+        spec = SpecDecodeStats.of(*(a - b for a, b in zip(spec_after, spec_before, strict=True)))
+    return summarize(list(records), duration, backend="http", concurrency=concurrency, request_rate=request_rate,
+                     spec_decode=spec)
+
+
+# (drafts, draft tokens, accepted tokens) as tokenmill and vLLM name them on /metrics
+SPEC_COUNTERS = (("tokenmill_spec_decode_num_drafts_total", "tokenmill_spec_decode_draft_tokens_total",
+                  "tokenmill_spec_decode_accepted_tokens_total"),
+                 ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                  "vllm:spec_decode_num_accepted_tokens_total"))
+
+
+async def fetch_spec_counters(client: httpx.AsyncClient, base_url: str) -> tuple[int, int, int] | None:
+    """The server's speculative-decoding totals (drafts, draft tokens, accepted tokens), summed over
+    label sets; None when it exports none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = await client.get(f"{base_url}/metrics")
+        resp.raise_for_status()
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    except (httpx.HTTPError, ValueError):
+        return None
+    for names in SPEC_COUNTERS:
+        if all(name in totals for name in names):
+            return tuple(int(totals[name]) for name in names)
+    return None
 
 
 def completion_body(model: str, prompt: BenchPrompt) -> dict[str, Any]:
