@@ -130,6 +130,26 @@ def test_drafts_are_fed_with_lookahead_slots_and_dropped_rather_than_preempting(
     assert plan.scheduled[0].draft_token_ids == [] and not plan.preempted
 
 
+def test_spec_decode_counters_follow_the_engine_totals():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tokenmill.engine.core import EngineStats
+    from tokenmill.engine.metrics import EngineMetrics
+
+    metrics = EngineMetrics()
+    for drafts, tokens, accepted in ((0, 0, 0), (10, 40, 25), (12, 48, 30)):
+        metrics.record_stats(EngineStats(1, 0, 0, 2, 8, 10, 10, spec_decode_drafts_total=drafts,
+                                         spec_decode_draft_tokens_total=tokens,
+                                         spec_decode_accepted_tokens_total=accepted))
+    text = metrics.render()[0].decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values["tokenmill_spec_decode_draft_tokens_total"] == 48
+    assert values["tokenmill_spec_decode_accepted_tokens_total"] == 30
+    assert values["tokenmill_spec_decode_num_drafts_total"] == 12
+    assert values["vllm:spec_decode_num_draft_tokens_total"] == 48
+    assert values["vllm:spec_decode_num_accepted_tokens_total"] == 30
+
+
 # ---- on tiny random models -------------------------------------------------------------------
 
 REPETITIVE = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7], [40, 41, 42, 43, 44, 40, 41, 42],
@@ -283,3 +303,49 @@ def test_draft_model_sampling_keeps_the_target_distribution(tiny_hf_model):
     for column, p in ((0, p_first), (1, p_second)):
         stat, df = chi_square(torch.bincount(tokens[:, column], minlength=vocab), p)
         assert stat < chi_square_critical(df), (column, stat, df)
+
+
+# ---- the default model ---------------------------------------------------------------------
+
+GROUNDED = [
+    "Copy this sentence exactly: The committee will meet on Tuesday at 10 am in room 204 to review the budget.",
+    "Rewrite in the past tense: I walk to the market, I buy apples and pears, and I carry them home in a bag.",
+    "Extract the email addresses from this text: Contact alice@example.com for sales, bob@example.org for "
+    "support, and carol@example.net for press.",
+    "Add a docstring to this function and return it:\n\ndef area(width, height):\n    return width * height\n",
+]
+OPEN_ENDED = ["Write a short poem about the sea.", "What is the capital of France?",
+              "Give me three ideas for a birthday party.", "Explain why the sky is blue."]
+
+
+@pytest.fixture(scope="module")
+def default_prompts(default_model_path):
+    from tokenmill.model.gguf import read_gguf, tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(read_gguf(str(default_model_path)))
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]),
+                             add_special_tokens=False) for text in GROUNDED + OPEN_ENDED]
+
+
+@pytest.fixture(scope="module")
+def default_plain(default_prompts):
+    llm = LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    return outputs(llm.generate(default_prompts, params, use_tqdm=False))
+
+
+@pytest.mark.parametrize("method", ["ngram", "self_draft"])
+def test_default_model_greedy_speculation_is_token_identical(method, default_prompts, default_plain,
+                                                             default_model_path):
+    """8 prompts (4 that copy from their input, 4 open-ended) x 64 tokens, float32. The default model
+    as its own draft proposes exactly what the target picks: every draft is accepted."""
+    spec = {"method": "ngram", "disable_by_batch_size": 8} if method == "ngram" else \
+        {"model": str(default_model_path), "num_speculative_tokens": 3, "disable_by_batch_size": 8}
+    llm = LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    assert outputs(llm.generate(default_prompts, params, use_tqdm=False)) == default_plain
+    stats = llm.engine.stats()
+    assert stats.spec_decode_draft_tokens_total > 100
+    if method == "self_draft":
+        assert stats.spec_decode_accepted_tokens_total == stats.spec_decode_draft_tokens_total
+    assert stats.kv_blocks_used == 0
