@@ -67,7 +67,7 @@ def run(url: str, system: str, rounds: int, max_tokens: int) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", nargs="+", required=True, help="one or more servers, measured in turn")
-    parser.add_argument("--system-words", type=int, default=750, help="~1,000 tokens for SmolLM2's tokenizer")
+    parser.add_argument("--system-words", type=int, default=870, help="~1,000 tokens for SmolLM2's tokenizer")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
