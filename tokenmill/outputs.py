@@ -75,6 +75,8 @@ class CompletionOutput:
     delta_logprobs: list[PositionLogprobs] | None = None
     # Per token, the top (token id, probability) after the sampling controls, when asked for.
     processed_top: list[list[tuple[int, float]]] | None = None
+    # Per token: True when it was a draft token (speculative decoding) that the model accepted.
+    drafted: list[bool] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -349,3 +349,14 @@ def test_default_model_greedy_speculation_is_token_identical(method, default_pro
     if method == "self_draft":
         assert stats.spec_decode_accepted_tokens_total == stats.spec_decode_draft_tokens_total
     assert stats.kv_blocks_used == 0
+
+
+def test_completion_marks_the_accepted_draft_tokens(plain_tiny, ngram_tiny):
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    spec = ngram_tiny.generate(REPETITIVE, params, use_tqdm=False)
+    plain = plain_tiny.generate(REPETITIVE, params, use_tqdm=False)
+    for s, p in zip(spec, plain):
+        c = s.outputs[0]
+        assert len(c.drafted) == len(c.token_ids) and not c.drafted[0]  # the first token is never drafted
+        assert p.outputs[0].drafted == [False] * len(p.outputs[0].token_ids)
+    assert any(any(s.outputs[0].drafted) for s in spec)

@@ -187,4 +187,5 @@ def _tokens(result, rows: list[int], s: ScheduledSeq) -> SampledTokens:
         top = [TokenLogprobs(result.token_ids[r], result.logprobs[r], result.ranks[r], result.top_logprobs[r])
                for r in rows]
     processed = [result.processed_top[r] for r in rows] if params.return_processed_topk else None
-    return SampledTokens([result.token_ids[r] for r in rows], [result.logprobs[r] for r in rows], top, processed)
+    return SampledTokens([result.token_ids[r] for r in rows], [result.logprobs[r] for r in rows], top, processed,
+                         num_accepted_drafts=len(rows) - 1 if s.draft_token_ids else 0)

@@ -29,6 +29,7 @@ class _Sample:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     processed_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    drafted: list[bool] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -103,6 +104,7 @@ class OutputProcessor:
         for i, token in enumerate(delta.new_token_ids):
             sample.token_ids.append(token)
             sample.delta_token_ids.append(token)
+            sample.drafted.append(bool(delta.new_drafted) and delta.new_drafted[i])
             if delta.new_logprobs is not None:
                 entry = self._position_entry(delta.new_logprobs[i])
                 sample.logprobs.append(entry)
@@ -153,7 +155,7 @@ class OutputProcessor:
                 finish_reason=s.finish_reason.to_api() if s.finish_reason else None, stop_reason=s.stop_reason,
                 delta_text=s.delta_text, delta_token_ids=s.delta_token_ids,
                 delta_logprobs=s.delta_logprobs if s.wants_logprobs else None,
-                processed_top=list(s.processed_top) or None))
+                processed_top=list(s.processed_top) or None, drafted=list(s.drafted)))
             s.delta_text, s.delta_token_ids, s.delta_logprobs = "", [], []
         expected = len(state.samples) if core.replace else state.params.n
         finished = core.finished or (len(state.samples) == expected

@@ -340,6 +340,7 @@ class Scheduler:
         for i, token in enumerate(sampled.token_ids):
             self.append(request, seq, token, seq.cumulative_logprob + sampled.logprobs[i])
             delta.new_token_ids.append(token)
+            delta.new_drafted.append(i < sampled.num_accepted_drafts)
             if delta.new_logprobs is not None:
                 delta.new_logprobs.append(sampled.top[i])
             if delta.new_processed_top is not None:

@@ -95,6 +95,7 @@ class SampledTokens:
     logprobs: list[float]  # raw logprob of each token
     top: list[TokenLogprobs] | None = None  # per token, when the request asked for logprobs
     processed_top: list[list[tuple[int, float]]] | None = None  # per token: (id, prob) after the controls
+    num_accepted_drafts: int = 0  # the first this many tokens are draft tokens the model accepted
 
 
 @dataclass
@@ -117,6 +118,7 @@ class SeqDelta:
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    new_drafted: list[bool] = field(default_factory=list)  # per new token: an accepted draft token
 
 
 @dataclass
