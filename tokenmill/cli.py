@@ -33,10 +33,15 @@ ENGINE = _defaults(EngineConfig)
 SAMPLING = _defaults(SamplingParams)
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a model; each dest is the EngineConfig field it sets."""
+def add_engine_arguments(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """Flags shared by every command that loads a model; each dest is the EngineConfig field it sets.
+    ``several_models`` (serve): --model may repeat, and args.model is a list (None when not given)."""
     g = parser.add_argument_group("model and engine")
-    g.add_argument("--model", default=ENGINE["model"], help="alias, .gguf file, Hugging Face folder or hub id")
+    if several_models:
+        g.add_argument("--model", action="append", default=None,
+                       help="alias, .gguf file, Hugging Face folder or hub id; repeat to serve several")
+    else:
+        g.add_argument("--model", default=ENGINE["model"], help="alias, .gguf file, Hugging Face folder or hub id")
     g.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES)
     g.add_argument("--device", default=ENGINE["device"], help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--quantization", default=ENGINE["quantization"], choices=QUANTIZATION_MODES)
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("text")
 
     serve = sub.add_parser("serve", help="start the HTTP server (OpenAI + TGI APIs, playground)")
-    add_engine_arguments(serve)
+    add_engine_arguments(serve, several_models=True)
     from tokenmill.server.app import add_serve_arguments
     add_serve_arguments(serve)
 

@@ -130,6 +130,11 @@ def resolve_model(model: str) -> tuple[str, str]:
                      "folder, or a hub id (org/name)")
 
 
+def served_model_name(model: str) -> str:
+    """The name a model is served under by default: the alias or hub id, else the file or folder name."""
+    return model if model in ALIASES or not Path(os.path.expanduser(model)).exists() else Path(model).name
+
+
 def load_checkpoint(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                     keep_quantized: frozenset[int] = frozenset()) -> Checkpoint:
     """Resolve and load ``model``: config, tensors (floats in ``dtype``) and tokenizer.

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import DEFAULT_MODEL, EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.engine.metrics import EngineMetrics
@@ -44,24 +44,35 @@ DEFAULT_MAX_QUEUE = 256
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def create_app(engine: EngineConfig | AsyncEngine | EngineCoreClient, api_key: str | None = None,
+Engine = EngineConfig | AsyncEngine | EngineCoreClient
+
+
+def create_app(engine: Engine | list[Engine], api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, model_names: set[str] | None = None,
-               on_load_error: Callable[[], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[], None] | None = None,
+               served_model_names: list[str] | None = None) -> FastAPI:
     """The FastAPI app.
 
     engine: an EngineConfig (after startup the app starts the engine core in its own process,
     which loads the model, and shuts it down with the app) or a running-or-not AsyncEngine /
-    EngineCoreClient (the caller owns it; the app only starts it).
+    EngineCoreClient (the caller owns it; the app only starts it); or a list of either kind to serve
+    several models, each with its own engine and KV cache, chosen by the request's ``model`` (the first
+    is the default). served_model_names: one name per engine (default: the model's name).
     api_key: when set, every route but /health, /metrics and the static page needs
-    ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for the engine before
-    new ones get 429. model_names: extra names accepted in the ``model`` field.
+    ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for each engine before
+    new ones get 429. model_names: extra names accepted in the ``model`` field for the first model.
     """
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-    metrics = EngineMetrics() if isinstance(engine, EngineConfig) else engine.metrics
+    engines = list(engine) if isinstance(engine, list) else [engine]
+    names = _served_names(engines, served_model_names)
+    configs = [isinstance(e, EngineConfig) for e in engines]
+    if any(configs) and not all(configs):
+        raise ValueError("create_app: pass either EngineConfigs or engines, not a mix")
+    metrics = EngineMetrics() if configs[0] else engines[0].metrics
     state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
-                        extra_model_names=set(model_names or ()))
-    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engine, state, on_load_error))
+                        extra_model_names=set(model_names or ()), served_names=names)
+    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error))
     app.state.tokenmill = state
     _add_error_handlers(app)
     app.add_middleware(_AuthMiddleware, state=state)
@@ -74,28 +85,52 @@ def create_app(engine: EngineConfig | AsyncEngine | EngineCoreClient, api_key: s
     return app
 
 
-def _lifespan(engine: EngineConfig | AsyncEngine | EngineCoreClient, state: ServerState,
+def _served_names(engines: list[Engine], names: list[str] | None) -> list[str]:
+    """One distinct served name per engine: the given ones, else each model's own name."""
+    from tokenmill.model.source import served_model_name
+
+    if names is not None and len(names) != len(engines):
+        raise ValueError(f"served_model_names: got {len(names)} names for {len(engines)} models")
+    names = names or [served_model_name(e.model) if isinstance(e, EngineConfig) else e.info.model_name
+                      for e in engines]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served model names must be distinct, got {names}; name them with --served-model-name")
+    return names
+
+
+def _lifespan(engines: list[Engine], state: ServerState,
               on_load_error: Callable[[], None] | None) -> Callable[[FastAPI], Any]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not isinstance(engine, EngineConfig):
-            engine.start()
-            state.engine = engine
+        if not isinstance(engines[0], EngineConfig):
+            for name, engine in zip(state.served_names, engines, strict=True):
+                engine.start()
+                state.add_engine(name, engine)
             yield
             return
-        # Load after startup so the port answers (503) while the weights load.
-        loading = asyncio.create_task(_load(engine, state, on_load_error))
+        # Load after startup so the port answers (503) while the weights load; one model after the other.
+        loading = asyncio.create_task(_load_all(engines, state, on_load_error))
         try:
             yield
         finally:
             loading.cancel()
-            if state.engine is not None:
-                await asyncio.to_thread(state.engine.shutdown)
+            for engine in list(state.engines.values()):
+                await asyncio.to_thread(engine.shutdown)
 
     return lifespan
 
 
-async def _load(config: EngineConfig, state: ServerState, on_load_error: Callable[[], None] | None) -> None:
+async def _load_all(configs: list[EngineConfig], state: ServerState,
+                    on_load_error: Callable[[], None] | None) -> None:
+    for name, config in zip(list(state.served_names), configs, strict=True):
+        if not await _load(config, state, on_load_error, name):
+            return
+        if config.model != name:
+            state.aliases.setdefault(config.model, name)  # the --model argument names it too
+
+
+async def _load(config: EngineConfig, state: ServerState, on_load_error: Callable[[], None] | None,
+                name: str) -> bool:
     def on_death(reason: str) -> None:  # the core process died: /health turns 503 and the server exits 1
         state.load_error = reason
         if on_load_error is not None:
@@ -108,10 +143,11 @@ async def _load(config: EngineConfig, state: ServerState, on_load_error: Callabl
         state.load_error = f"failed to load the model {config.model!r}: {exc}"
         if on_load_error is not None:
             on_load_error()
-        return
+        return False
     engine.start()
-    state.engine = engine
-    logger.info("model %s loaded; ready", engine.info.model_name)
+    state.add_engine(name, engine)
+    logger.info("model %s loaded as %r; ready", engine.info.model_name, name)
+    return True
 
 
 async def _metrics(request: Request) -> Response:
@@ -235,7 +271,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: env TOKENMILL_API_KEY)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help="requests allowed to wait for the engine; more get 429")
+                   help="requests allowed to wait for each engine; more get 429")
+    g.add_argument("models", nargs="*", metavar="MODEL", default=[],
+                   help="model(s) to serve, like --model; several: one engine (and KV cache budget) each")
+    g.add_argument("--served-model-name", action="append", default=None, dest="served_model_names",
+                   help="the name a model answers to in the API (repeat once per model, in order)")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -246,7 +286,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    config = engine_config_from_args(args)
+    models = [*args.models, *(args.model or [])] or [DEFAULT_MODEL]
+    configs = [engine_config_from_args(argparse.Namespace(**{**vars(args), "model": m})) for m in models]
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     server: uvicorn.Server | None = None
 
@@ -254,12 +295,11 @@ def run_server(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(config, api_key=api_key, max_queue=args.max_queue, model_names={args.model},
-                     on_load_error=stop)
+    app = create_app(configs if len(configs) > 1 else configs[0], api_key=api_key, max_queue=args.max_queue,
+                     model_names={models[0]}, on_load_error=stop, served_model_names=args.served_model_names)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-    print(f"tokenmill: serving {config.model} on http://{args.host}:{args.port} (loading the model...)",
-          flush=True)
+    print(f"tokenmill: serving {', '.join(models)} on http://{args.host}:{args.port} (loading...)", flush=True)
     # uvicorn re-raises the signal that stopped it once it is done; our no-op handlers make that
     # a clean exit (code 0) instead of a kill by SIGTERM or a KeyboardInterrupt.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -276,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenmill.cli import add_engine_arguments
 
     parser = argparse.ArgumentParser(prog="tokenmill serve")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, several_models=True)
     add_serve_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_server(parser.parse_args(argv))

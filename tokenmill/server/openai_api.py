@@ -44,9 +44,10 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    engine = state.ready_engine().info
-    return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                        "owned_by": "tokenmill", "max_model_len": engine.max_model_len}]}
+    state.ready_engine()  # 503 until the first model is loaded
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tokenmill",
+                                        "max_model_len": engine.info.max_model_len}
+                                       for name, engine in state.engines.items() if engine.is_running]}
 
 
 @router.post("/v1/completions", response_model=None)
@@ -57,11 +58,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
         raise ApiError(400, "suffix is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo together with logprobs is not supported", param="echo")
-    tokenizer = state.ready_engine().info.tokenizer
+    tokenizer = state.ready_engine(body.model).info.tokenizer
     prompts, texts = _completion_prompts(body.prompt, tokenizer)
     _check_stream_options(body)
     params = body.to_sampling_params()
-    engine = _admit(state, prompts, params.max_tokens, "max_tokens")
+    engine = _admit(state, prompts, params.max_tokens, "max_tokens", body.model)
     ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None)
     streams = await add_requests(engine, prompts, params, texts, cache_salt=body.cache_salt)
     if body.stream:
@@ -79,11 +80,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     state = get_state(request)
     state.check_model(body.model)
     _reject_unsupported_chat(body)
-    tokenizer = state.ready_engine().info.tokenizer
+    tokenizer = state.ready_engine(body.model).info.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt)
     _check_stream_options(body)
     params = body.to_sampling_params()
-    engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field)
+    engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field, body.model)
     ctx = _Context(state, body, "chatcmpl", tokenizer)
     streams = await add_requests(engine, [prompt_ids], params, cache_salt=body.cache_salt)
     if body.stream:
@@ -170,9 +171,9 @@ def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
         raise ApiError(400, "store is not supported by this server", param="store")
 
 
-def _admit(state: ServerState, prompts: list[list[int]], max_tokens: int | None, field_name: str
-           ) -> AsyncEngine:
-    engine = check_admission(state, len(prompts))
+def _admit(state: ServerState, prompts: list[list[int]], max_tokens: int | None, field_name: str,
+           model: str | None) -> AsyncEngine:
+    engine = check_admission(state, len(prompts), model)
     for ids in prompts:
         check_context(engine, len(ids), max_tokens, field_name)
     return engine
@@ -187,7 +188,7 @@ class _Context:
                  echo_texts: list[str | None] | None = None) -> None:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model = state.model_name
+        self.model = state.served_name(body.model)
         self.n = body.n
         self.tokenizer = tokenizer
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)

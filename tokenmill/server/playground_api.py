@@ -82,7 +82,7 @@ async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[st
     """Split text into tokens: ids, token strings, per-token text and character spans."""
     state = get_state(request)
     state.check_model(body.model)
-    tokenizer = state.ready_engine().info.tokenizer
+    tokenizer = state.ready_engine(body.model).info.tokenizer
     text = prompt_text(tokenizer, body.text, body.chat_template,
                        add_generation_prompt=body.add_generation_prompt)
     ids = encode_prompt(tokenizer, text, body.chat_template)
@@ -91,7 +91,7 @@ async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[st
     tokens = [{"id": tid, "token": name, "text": piece, "start": start, "end": end}
               for tid, name, (piece, start, end) in zip(ids, names, pieces, strict=True)]
     decoded = "".join(p for p, _, _ in pieces)
-    return {"model": state.model_name, "text": decoded, "count": len(ids), "num_chars": len(decoded),
+    return {"model": state.served_name(body.model), "text": decoded, "count": len(ids), "num_chars": len(decoded),
             "chars_per_token": len(decoded) / len(ids) if ids else 0.0, "tokens": tokens}
 
 
@@ -104,13 +104,13 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
     state = get_state(request)
     state.check_model(body.model)
     params = body.to_sampling_params()
-    engine = check_admission(state, 1)
+    engine = check_admission(state, 1, body.model)
     llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
     check_context(engine, len(ids), params.max_tokens, "max_tokens")
     streams = await add_requests(engine, [ids], params, [text])
-    start = {"type": "start", "model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids,
+    start = {"type": "start", "model": state.served_name(body.model), "prompt_text": text, "prompt_token_ids": ids,
              "prompt_tokens": llm.tokenizer.convert_ids_to_tokens(ids)}
     return StreamingResponse(_step_events(engine, streams, start), media_type="text/event-stream")
 
@@ -202,7 +202,7 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
     state = get_state(request)
     state.check_model(body.model)
     params = body.to_sampling_params()
-    engine = check_admission(state, 1)
+    engine = check_admission(state, 1, body.model)
     llm = engine.info
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
@@ -213,7 +213,8 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
                 "tokens": [llm.tokenizer.decode([t], skip_special_tokens=False) for t in c.token_ids],
                 "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
                 "stop_kind": stop_kind(c, llm.eos_token_ids)} for i, c in enumerate(out.outputs)]
-    return {"model": llm.model_name, "prompt_text": text, "prompt_token_ids": ids, "num_beams": body.num_beams,
+    return {"model": state.served_name(body.model), "prompt_text": text, "prompt_token_ids": ids,
+            "num_beams": body.num_beams,
             "ranking": ranking, "trace": beam_trace_json(out.beam_trace),
             "metrics": _metrics(out.metrics)}
 

@@ -26,41 +26,91 @@ from tokenmill.server.protocol import ApiError
 
 @dataclass
 class ServerState:
-    """Everything a route needs, kept on ``app.state.tokenmill``."""
+    """Everything a route needs, kept on ``app.state.tokenmill``.
+
+    Several models may be served at once (``tokenmill serve --model A --model B``): one engine each,
+    with its own KV cache, keyed by served name in ``engines``. A request picks one by its ``model``
+    field; no ``model`` (and the TGI routes, which have none) means the first. ``engine`` is the first.
+    """
 
     metrics: EngineMetrics
     api_key: str | None = None
     max_queue: int = 256
-    engine: AsyncEngine | None = None  # None while the model loads
+    engine: AsyncEngine | None = None  # the first model's engine; None while it loads
     load_error: str | None = None
-    extra_model_names: set[str] = field(default_factory=set)  # e.g. the --model argument
+    extra_model_names: set[str] = field(default_factory=set)  # other names of the first model
+    aliases: dict[str, str] = field(default_factory=dict)  # other name (its --model argument) -> served name
+    # served name -> engine, in serving order; a name is in served_names from the start, in engines once loaded
+    engines: dict[str, AsyncEngine] = field(default_factory=dict)
+    served_names: list[str] = field(default_factory=list)
 
-    def ready_engine(self) -> AsyncEngine:
-        """The engine, or a 503 while the model is loading (or failed to load)."""
-        if self.engine is None or not self.engine.is_running:
+    def add_engine(self, name: str, engine: AsyncEngine) -> None:
+        """Serve ``engine`` as ``name``; the first one added is the default (``engine``)."""
+        if name not in self.served_names:
+            self.served_names.append(name)
+        self.engines[name] = engine
+        if self.served_names[0] == name:
+            self.engine = engine
+
+    def _name(self, requested: str | None) -> str | None:
+        """The served name ``requested`` means (None: the first model), or None when nothing is served yet."""
+        if self.engine is not None and not self.served_names:
+            self.add_engine(self.engine.info.model_name, self.engine)  # set directly by a caller
+        if requested is None or requested in self.extra_model_names:
+            return self.served_names[0] if self.served_names else None
+        if requested in self.served_names:
+            return requested
+        if requested in self.aliases:
+            return self.aliases[requested]
+        by_model = [n for n, e in self.engines.items() if e.info.model_name == requested]
+        return by_model[0] if by_model else None
+
+    def ready_engine(self, model: str | None = None) -> AsyncEngine:
+        """The engine serving ``model`` (None: the first), or a 503 while it loads (or failed to load)."""
+        name = self._name(model)
+        engine = self.engines.get(name) if name is not None else None
+        if engine is None or not engine.is_running:
             message = self.load_error or "the model is loading; retry when GET /health returns 200"
             raise ApiError(503, message, code="model_not_ready")
-        return self.engine
+        return engine
+
+    def all_ready(self) -> bool:
+        """Every served model is loaded and running."""
+        self._name(None)
+        return bool(self.served_names) and all(
+            n in self.engines and self.engines[n].is_running for n in self.served_names)
 
     @property
     def model_name(self) -> str:
-        return self.ready_engine().info.model_name
+        return self.served_name(None)
+
+    def served_name(self, requested: str | None) -> str:
+        """The name a response reports for a request that asked for ``requested``."""
+        self.check_model(requested)
+        name = self._name(requested)
+        if name is None:
+            self.ready_engine()  # 503
+        return name
 
     def check_model(self, requested: str | None) -> None:
         """404 for a model name this server does not serve (None means the default)."""
-        name = self.model_name
-        if requested is not None and requested not in {name, *self.extra_model_names}:
-            raise ApiError(404, f"The model `{requested}` does not exist; this server serves `{name}`.",
-                           param="model", code="model_not_found")
+        if requested is None or self._name(requested) is not None:
+            return
+        if not self.served_names:
+            self.ready_engine()  # nothing declared yet: still loading (503)
+        served = ", ".join(f"`{n}`" for n in self.served_names)
+        raise ApiError(404, f"The model `{requested}` does not exist; this server serves {served}.",
+                       param="model", code="model_not_found")
 
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.tokenmill
 
 
-def check_admission(state: ServerState, num_requests: int) -> AsyncEngine:
-    """The engine if ``num_requests`` more fit in the waiting queue, else 429."""
-    engine = state.ready_engine()
+def check_admission(state: ServerState, num_requests: int, model: str | None = None) -> AsyncEngine:
+    """The engine of ``model`` (None: the first) if ``num_requests`` more fit in its waiting queue, else 429."""
+    state.check_model(model)
+    engine = state.ready_engine(model)
     waiting = engine.num_waiting()
     if waiting + num_requests > state.max_queue:
         raise ApiError(429, f"the server is busy: {waiting} requests are waiting (max_queue={state.max_queue}); "

@@ -37,8 +37,11 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 once the model is loaded and the engine loop runs, 503 before."""
-    get_state(request).ready_engine()
+    """200 once every served model is loaded and its engine loop runs, 503 before."""
+    state = get_state(request)
+    if not state.all_ready():
+        state.ready_engine()  # the first model's 503 (or its load error)
+        raise ApiError(503, "a model is still loading; retry later", code="model_not_ready")
     return JSONResponse({})
 
 

@@ -40,6 +40,8 @@ function headers() {
 }
 
 async function postJSON(path, body, signal) {
+  const model = $("model-select").value;  // several served models: the picker chooses; else the default
+  if (model) body = { ...body, model };
   const resp = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!resp.ok) throw new Error(await errorMessage(resp));
   return resp;
@@ -363,7 +365,15 @@ async function loadModelName() {
     const resp = await fetch("/v1/models", { headers: headers() });
     if (!resp.ok) return;
     const data = await resp.json();
-    if (data.data && data.data.length) $("model-name").textContent = data.data[0].id;
+    if (!data.data || !data.data.length) return;
+    $("model-name").textContent = data.data[0].id;
+    if (data.data.length > 1) {  // a model picker when the server serves several
+      const select = $("model-select");
+      select.replaceChildren(...data.data.map((m) => new Option(m.id, m.id)));
+      select.addEventListener("change", () => { $("model-name").textContent = select.value; scheduleTokenize(); });
+      $("model-name").hidden = true;
+      $("model-picker").hidden = false;
+    }
   } catch (e) {
     // the name is decoration; the views report their own errors
   }
