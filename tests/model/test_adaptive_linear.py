@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from tokenmill.model.adaptive_linear import BatchAdaptiveLinear, cpu_has_native_bf16, dense_weight, make_batch_adaptive
+from tokenmill.model.adaptive_linear import (
+    BatchAdaptiveLinear,
+    cpu_has_native_bf16,
+    dense_weight,
+    make_batch_adaptive,
+)
 from tokenmill.model.quant import QuantLinear, quantize_int4, quantize_int8
 
 
