@@ -137,7 +137,8 @@ async def _step_events(engine: Any, streams: list, start: dict[str, Any]) -> Asy
 
 def _token_event(tokenizer: Any, c: CompletionOutput, index: int, token: int, j: int,
                  metrics: RequestMetrics) -> dict[str, Any]:
-    """One generated token: the chosen id, the raw top-n and the top-n after the controls."""
+    """One generated token: the chosen id, the raw top-n and the top-n after the controls, and whether
+    it was a draft token the model accepted (speculative decoding)."""
     raw: dict[int, Logprob] = c.delta_logprobs[j] if c.delta_logprobs else {}
     raw_top = _raw_candidates(raw, token)
     processed = c.processed_top[index] if c.processed_top and index < len(c.processed_top) else None
@@ -148,7 +149,8 @@ def _token_event(tokenizer: Any, c: CompletionOutput, index: int, token: int, j:
     return {"type": "token", "index": index, "id": token, "token": tokenizer.convert_ids_to_tokens([token])[0],
             "text": chosen.decoded_token if chosen else tokenizer.decode([token], skip_special_tokens=False),
             "logprob": chosen.logprob if chosen else None, "rank": chosen.rank if chosen else None,
-            "raw_top": raw_top, "processed_top": after, "metrics": _metrics(metrics)}
+            "raw_top": raw_top, "processed_top": after, "metrics": _metrics(metrics),
+            "drafted": index < len(c.drafted) and c.drafted[index]}
 
 
 def _raw_candidates(raw: dict[int, Logprob], token: int) -> list[dict[str, Any]]:

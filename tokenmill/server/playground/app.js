@@ -187,7 +187,8 @@ function stepRow(ev) {
   const row = el("div", { class: "step", id: "step-" + ev.index },
     el("span", { class: "idx", text: "#" + (ev.index + 1) }),
     el("div", {}, el("span", { class: "chosen-tok", text: visible(ev.text) }),
-      el("div", { class: "muted", text: ev.rank ? `raw rank ${ev.rank}` : "" })),
+      el("div", { class: "muted", text: ev.rank ? `raw rank ${ev.rank}` : "" }),
+      ev.drafted ? el("div", { class: "drafted-note", text: "drafted, accepted" }) : ""),
     candidateRows("raw model distribution", ev.raw_top, ev.id),
     candidateRows("after the sampling controls", ev.processed_top, ev.id));
   return row;
@@ -237,7 +238,9 @@ async function runSteps() {
       if (ev.type === "token") {
         // A byte token that ends mid-character decodes to U+FFFD: show its bytes instead.
         const shown = ev.text.includes("\ufffd") ? "" : ev.text;
-        const chip = tokenChip({ id: ev.id, token: ev.token, text: shown }, ev.index);
+        // speculative decoding: a draft token the model accepted is underlined
+        const chip = tokenChip({ id: ev.id, token: ev.token, text: shown }, ev.index, ev.drafted ? " drafted" : "");
+        if (ev.drafted) chip.title += "  (drafted, accepted)";
         chip.dataset.index = ev.index;
         chip.addEventListener("click", () => selectStep(ev.index));
         $("steps-output").append(chip);
@@ -245,7 +248,9 @@ async function runSteps() {
         showMetrics("steps-metrics", ev.metrics, [stat("status", "generating…")]);
         lastText = ev.text;
       } else if (ev.type === "done") {
-        showMetrics("steps-metrics", ev.metrics);
+        const drafted = document.querySelectorAll("#steps-output .tok.drafted").length;
+        showMetrics("steps-metrics", ev.metrics,
+          drafted ? [stat("accepted drafts", `${drafted} of ${ev.token_ids.length} tokens (underlined)`)] : []);
         $("steps-finish").textContent = finishText({ ...ev, last_token: lastText });
         $("steps-finish").dataset.kind = ev.stop_kind;
       } else if (ev.type === "error") {
