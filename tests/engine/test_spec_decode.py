@@ -33,6 +33,24 @@ def test_ngram_lookup_respects_the_minimum_length():
     assert ngram_lookup([3, 1, 9, 9, 3], 2, 1, 4) == [1, 9]
 
 
+def test_ngram_draft_length_adapts_to_what_was_accepted():
+    from tokenmill.engine.request import Sequence
+    from tokenmill.engine.spec_decode import NgramProposer
+    from tokenmill.engine.step import SpecCandidate
+
+    proposer = NgramProposer(4, 1, 2)
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    seq = Sequence(1, list(text), 3)
+    propose = lambda: proposer.propose([SpecCandidate(seq, SamplingParams(), 32)], {1})[1].token_ids  # noqa: E731
+    assert propose() == [3, 4, 5, 6]  # starts at k
+    seq.token_ids += [3, 4, 9]  # 2 accepted, then another token: one draft fewer
+    assert seq.token_ids[-1:] == [9] and propose() == [1, 2, 3]
+    seq.token_ids += [1, 2, 3, 4]  # all 3 accepted (+ bonus): two more, up to k
+    assert propose() == [9, 1, 2, 3]  # "3 4" last occurred before 9
+    proposer.propose([], set())  # the sequence is gone: its state too
+    assert not proposer._length and not proposer._last
+
+
 def chi_square_critical(df: int, z: float = 3.72) -> float:
     """Upper quantile of chi-square(df) at the normal quantile z (Wilson-Hilferty; 3.72: p = 1e-4)."""
     h = 2 / (9 * df)

@@ -9,8 +9,11 @@ token after the last draft).
 Proposers (``Proposer.propose``):
 
 * ``NgramProposer`` (prompt lookup, no model): the last n tokens (n from prompt_lookup_max down
-  to prompt_lookup_min) are looked up earlier in the prompt + output; the k tokens that followed
+  to prompt_lookup_min) are looked up earlier in the prompt + output; the tokens that followed
   their most recent earlier occurrence are the drafts. Drafts are one-hot (q = 1 for the draft).
+  How many it proposes adapts per sequence, as transformers' assisted generation does: +2 after
+  a step that accepted every draft, -1 after one that did not (between 1 and k), since each
+  draft costs compute in the verifying forward whether it is kept or not.
 * ``DraftModelProposer`` (engine/draft_model.py): a smaller model with the same tokenizer,
   decoding k tokens ahead over its own paged KV cache; its drafts come with their distribution q.
 
@@ -26,6 +29,7 @@ the tokens plain decoding produces, seeded ones included.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -45,6 +49,12 @@ class Proposer(Protocol):
         ...
 
 
+@dataclass
+class _LastProposal:
+    num_tokens: int  # the sequence's length when proposed
+    token_ids: list[int]
+
+
 class NgramProposer:
     """Prompt lookup: propose what followed the sequence's last n tokens where they occurred before."""
 
@@ -52,14 +62,32 @@ class NgramProposer:
         self.k = num_speculative_tokens
         self.n_min = prompt_lookup_min
         self.n_max = prompt_lookup_max
+        self._length: dict[int, int] = {}  # seq_id -> drafts to propose next (adaptive, 1 .. k)
+        self._last: dict[int, _LastProposal] = {}
 
     def propose(self, candidates: list[SpecCandidate], live_seq_ids: set[int]) -> dict[int, DraftProposal]:
+        for seq_id in [i for i in self._length if i not in live_seq_ids]:
+            del self._length[seq_id]
+            self._last.pop(seq_id, None)
         proposals = {}
         for c in candidates:
-            drafts = ngram_lookup(c.seq.token_ids, min(self.k, c.max_drafts), self.n_min, self.n_max)
+            seq_id = c.seq.seq_id
+            length = self._adapt(seq_id, c.seq.token_ids)
+            drafts = ngram_lookup(c.seq.token_ids, min(length, c.max_drafts), self.n_min, self.n_max)
             if drafts:
-                proposals[c.seq.seq_id] = DraftProposal(drafts)
+                proposals[seq_id] = DraftProposal(drafts)
+                self._last[seq_id] = _LastProposal(len(c.seq.token_ids), drafts)
         return proposals
+
+    def _adapt(self, seq_id: int, token_ids: list[int]) -> int:
+        """The draft length for seq_id, after learning how its last proposal fared."""
+        length = self._length.get(seq_id, self.k)
+        last = self._last.pop(seq_id, None)
+        if last is not None and len(token_ids) > last.num_tokens:
+            verified = token_ids[last.num_tokens:last.num_tokens + len(last.token_ids)]
+            length = min(self.k, length + 2) if verified == last.token_ids else max(1, length - 1)
+        self._length[seq_id] = length
+        return length
 
 
 def ngram_lookup(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
