@@ -29,7 +29,9 @@ class RequestMetrics:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # summed over the request's samples
-    num_token_steps: int = 0  # engine steps in which the request produced tokens
+    # output positions produced, counted once per step for all n samples (a step that verified draft
+    # tokens counts each token it kept), so TPOT stays a time per token with speculative decoding
+    num_token_steps: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -51,7 +53,7 @@ class RequestMetrics:
 
     @property
     def tpot(self) -> float | None:
-        """Time per output token after the first: (last - first) / (token steps - 1)."""
+        """Time per output token after the first: (last - first) / (output positions - 1)."""
         if self.first_token_time is None or self.last_token_time is None:
             return None
         if self.num_token_steps <= 1:

@@ -376,5 +376,6 @@ def test_completion_marks_the_accepted_draft_tokens(plain_tiny, ngram_tiny):
     for s, p in zip(spec, plain):
         c = s.outputs[0]
         assert len(c.drafted) == len(c.token_ids) and not c.drafted[0]  # the first token is never drafted
+        assert s.metrics.num_token_steps == len(c.token_ids)  # TPOT stays per token, not per step
         assert p.outputs[0].drafted == [False] * len(p.outputs[0].token_ids)
     assert any(any(s.outputs[0].drafted) for s in spec)

@@ -307,7 +307,7 @@ class Scheduler:
                 request_deltas = deltas.setdefault(request.request_id, [])
                 for target, sampled in zip(targets, samples, strict=True):
                     request_deltas.append(self._append_sampled(request, target, sampled, len(s.draft_token_ids)))
-                _mark_token_time(request, now)
+                _mark_token_time(request, now, len(samples[0].token_ids))
         outputs = [self._after_step(self.requests[rid], d) for rid, d in deltas.items()]
         for request_id, rows in beam_rows.items():
             request = self.requests[request_id]
@@ -434,10 +434,10 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
 
 
-def _mark_token_time(request: Request, now: float) -> None:
+def _mark_token_time(request: Request, now: float, num_positions: int = 1) -> None:
     m = request.metrics
     if m.first_token_time is None:
         m.first_token_time = now
     if m.last_token_time != now:
-        m.num_token_steps += 1
+        m.num_token_steps += num_positions
     m.last_token_time = now
