@@ -94,6 +94,9 @@ def speculative_config_from_args(args: argparse.Namespace) -> dict[str, Any] | N
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from every flag whose dest is one of its fields."""
     values = {name: getattr(args, name) for name in ENGINE if hasattr(args, name)}
+    if "model" in values and not isinstance(values["model"], str):  # serve: a list of models, or none given
+        models = [*getattr(args, "models", []), *(values["model"] or [])]
+        values["model"] = models[0] if models else ENGINE["model"]
     if hasattr(args, "speculative_config"):
         values["speculative_config"] = speculative_config_from_args(args)
     return EngineConfig(**values)
