@@ -33,10 +33,13 @@ def test_small_batches_take_the_int4_kernel_and_large_ones_the_dense_product():
     assert torch.allclose(out, quant(large), atol=3e-2, rtol=2e-2)
 
 
-def test_make_batch_adaptive_wraps_every_quantized_projection():
+def test_make_batch_adaptive_wraps_every_quantized_projection_but_a_huge_lm_head(monkeypatch):
     model = torch.nn.Sequential(QuantLinear([quantize_int4(torch.randn(32, 64))]), torch.nn.Linear(32, 8))
+    model.lm_head = QuantLinear([quantize_int4(torch.randn(64, 64))])
+    monkeypatch.setattr("tokenmill.model.adaptive_linear.MAX_DENSE_LM_HEAD_BYTES", 2 * 64 * 64 - 1)
     assert make_batch_adaptive(model) == 1
     assert isinstance(model[0], BatchAdaptiveLinear) and isinstance(model[1], torch.nn.Linear)
+    assert isinstance(model.lm_head, QuantLinear)
 
 
 def test_default_model_keeps_both_forms_on_a_native_bf16_cpu():

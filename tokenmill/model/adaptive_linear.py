@@ -7,7 +7,8 @@ while a bfloat16 GEMM on a CPU with native bf16 (AVX-512 BF16 / AMX) stays far c
 ``BatchAdaptiveLinear`` keeps both forms of one weight and picks per call by the number of rows.
 
 Memory: the dense copy costs 2 bytes per weight of every quantized projection (about 210 MB for
-SmolLM2-135M next to its ~70 MB of int4); the embedding and lm_head are not duplicated.
+SmolLM2-135M next to its ~70 MB of int4), and of a quantized lm_head only when that copy stays
+within ``MAX_DENSE_LM_HEAD_BYTES`` (SmolLM2's 57 MB yes, Gemma 3's 262k-row 335 MB no).
 Both forms hold the same values (the dense copy is the int4 weight dequantized by the kernel
 itself, rounded to bf16), but the arithmetic differs, so outputs may differ in the last bits
 between a batch and the same sequence alone. ``quantization="int4"`` keeps the int4 form only.
@@ -27,6 +28,8 @@ from tokenmill.model.quant import QuantLinear
 # Rows (tokens in the step) from which the dense bf16 product is used. Measured with
 # scripts/measure_linear_formats.py: see docs/quantization.md.
 MIN_DENSE_ROWS = 8
+# A large-vocabulary output layer would double its bytes for a share of one step's work: keep it packed.
+MAX_DENSE_LM_HEAD_BYTES = 64 << 20
 
 
 @functools.cache
@@ -77,7 +80,8 @@ def dense_weight(quant: QuantLinear) -> torch.Tensor:
 def make_batch_adaptive(model: nn.Module, min_dense_rows: int = MIN_DENSE_ROWS) -> int:
     """Wrap every QuantLinear of model in a BatchAdaptiveLinear; returns how many were wrapped."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, QuantLinear)]
+               if isinstance(child, QuantLinear)
+               and (name != "lm_head" or 2 * child.in_features * child.out_features <= MAX_DENSE_LM_HEAD_BYTES)]
     for parent, name, child in targets:
         setattr(parent, name, BatchAdaptiveLinear(child, min_dense_rows))
     return len(targets)
