@@ -91,7 +91,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     model: str | None = None
-    disable_by_batch_size: int = 4
+    disable_by_batch_size: int = 2  # measured: see docs/benchmarks.md, "Speculative decoding"
 
     def __post_init__(self) -> None:
         if self.method is None:
