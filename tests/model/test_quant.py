@@ -183,12 +183,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_default_model_auto_matches_float32(one_thread):
-    auto_ids, auto_ppl, auto_paris = _run("auto")
+def test_default_model_packed_and_auto_match_float32(one_thread):
     none_ids, none_ppl, _ = _run("none")
+    # the packed GGUF weights alone: greedy text agrees with float32 on most prompts
+    packed_ids, packed_ppl, packed_paris = _run("int4")
+    assert "Paris" in packed_paris
+    same = sum(a == b for a, b in zip(packed_ids, none_ids, strict=True))
+    assert same >= 4, (same, packed_ids, none_ids)
+    assert abs(packed_ppl / none_ppl - 1) < 0.01, (packed_ppl, none_ppl)
+    # auto adds the dense bf16 copy for prefill and large batches (on CPUs with native bf16): bf16
+    # arithmetic flips greedy near-ties now and then, so its quality gate is the perplexity
+    _, auto_ppl, auto_paris = _run("auto")
     assert "Paris" in auto_paris
-    same = sum(a == b for a, b in zip(auto_ids, none_ids, strict=True))
-    assert same >= 4, (same, auto_ids, none_ids)
     assert abs(auto_ppl / none_ppl - 1) < 0.01, (auto_ppl, none_ppl)
 
 

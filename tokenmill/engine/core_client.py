@@ -94,12 +94,12 @@ class EngineCoreClient:
     def load(self) -> None:
         """Spawn the core process and wait for its model (the API process loads only the tokenizer)."""
         torch.set_num_threads(1)  # this process tokenizes and streams; the core gets the cores
+        tokenizer = load_tokenizer(self.config.model)  # a bad --model fails here, before any process starts
         spawn = multiprocessing.get_context("spawn")  # never fork a process that holds threads
         self._process = spawn.Process(target=run_engine_core, name="tokenmill-core", daemon=True,
                                       args=(self.config, f"ipc://{self._folder}/input",
                                             f"ipc://{self._folder}/output"))
         self._process.start()
-        tokenizer = load_tokenizer(self.config.model)
         while not self._from_core.poll(POLL_MS):
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine core process exited with code {self._process.exitcode} "

@@ -96,15 +96,15 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     outbox = context.socket(zmq.PUSH)
     outbox.connect(output_address)
     try:
-        core = EngineCore(config)
-    except Exception as exc:  # noqa: BLE001 - reported to the API process, which shows it on /health
-        logger.exception("failed to load the model %r", config.model)
-        send(outbox, CoreLoadFailed(f"failed to load the model {config.model!r}: {exc}"))
-        return
-    send(outbox, CoreReady(dataclasses.replace(core.info, tokenizer=None)))
-    try:
+        try:
+            core = EngineCore(config)
+        except Exception as exc:  # noqa: BLE001 - reported to the API process, which shows it on /health
+            logger.exception("failed to load the model %r", config.model)
+            send(outbox, CoreLoadFailed(f"failed to load the model {config.model!r}: {exc}"))
+            return
+        send(outbox, CoreReady(dataclasses.replace(core.info, tokenizer=None)))
         _serve(core, inbox, outbox)
-    finally:
+    finally:  # close with a short linger so the process can exit even if nobody reads its last message
         outbox.close(linger=1000)
         inbox.close(linger=0)
         context.term()
