@@ -56,7 +56,8 @@ class BatchAdaptiveLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
-        if x.numel() // self.in_features < self.min_dense_rows:
+        rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features  # the model passes [T, in]
+        if rows < self.min_dense_rows:
             return self.quant(x)
         bias = None if self.quant.bias is None else self.quant.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.dense, bias).to(x.dtype)
