@@ -63,7 +63,54 @@ class RequestStream:
             yield item
 
 
-class AsyncEngine:
+class StreamingEngine:
+    """What the server's engines share: an asyncio stream per request, outputs handed to the streams,
+    and requests failed with a RequestFailedError. Subclasses add requests and abort them."""
+
+    metrics: EngineMetrics
+    _streams: dict[str, RequestStream]
+
+    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                          request_id: str | None = None, prompt: str | None = None,
+                          cache_salt: str | None = None) -> RequestStream:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, prompt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs; closing the iterator early aborts the request."""
+        stream = await self.add_request(prompt_token_ids, params, request_id, prompt)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each output to its stream; a finished request's stream is dropped and its metrics recorded."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # a request already failed, reporting its abort
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                self.metrics.record_finished(out)
+
+    def _fail(self, request_ids: list[str], reason: str) -> None:
+        """End these requests' streams with a RequestFailedError (and count them as errors)."""
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(RequestFailedError(f"request {request_id} failed: {reason}"))
+                self.metrics.record_failed()
+
+
+class AsyncEngine(StreamingEngine):
     """Runs an LLMEngine in a background thread and serves many asyncio clients.
 
     engine: a loaded ``LLMEngine``. metrics: where timings and gauges are recorded.
@@ -141,18 +188,6 @@ class AsyncEngine:
             raise
         return stream
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs; closing the iterator early aborts the request."""
-        stream = await self.add_request(prompt_token_ids, params, request_id, prompt)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
-
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread or coroutine; its blocks are freed at the next step."""
         if request_id in self._streams:
@@ -174,28 +209,15 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except EngineStepError as exc:
-            for request_id in exc.request_ids:
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(RequestFailedError(f"request {request_id} failed: {exc}"))
-                    self.metrics.record_failed()
+            self._fail(exc.request_ids, str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - not a step error the core contained: fail every request
             logger.exception("engine step failed")
-            for request_id, stream in list(self._streams.items()):
+            for request_id in self._streams:
                 self.engine.abort(request_id)
-                stream.put(RequestFailedError(f"request {request_id} failed: {exc}"))
-                self.metrics.record_failed()
-            self._streams.clear()
+            self._fail(list(self._streams), str(exc))
             return
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # a request we already failed, reporting its abort
-            stream.put(out)
-            if out.finished:
-                del self._streams[out.request_id]
-                self.metrics.record_finished(out)
+        self._deliver(outputs)
 
     def _drain_on_shutdown(self) -> None:
         for request_id in list(self._streams):

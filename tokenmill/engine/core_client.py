@@ -21,13 +21,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
 import zmq
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError, RequestStream
+from tokenmill.engine.async_engine import EngineDeadError, RequestStream, StreamingEngine
 from tokenmill.engine.core import EngineInfo, EngineStats, validate_request
 from tokenmill.engine.core_process import (
     AbortRequests,
@@ -44,7 +44,6 @@ from tokenmill.engine.core_process import (
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.model.source import load_tokenizer
-from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ logger = logging.getLogger(__name__)
 POLL_MS = 200  # the receiver checks that the core process is alive at least this often
 
 
-class EngineCoreClient:
+class EngineCoreClient(StreamingEngine):
     """Starts the engine core process and serves many asyncio clients from it."""
 
     def __init__(self, config: EngineConfig, metrics: EngineMetrics | None = None,
@@ -174,17 +173,6 @@ class EngineCoreClient:
         self._num_sent += 1
         return stream
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs; closing the iterator early aborts the request."""
-        stream = await self.add_request(prompt_token_ids, params, request_id, prompt)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
-
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread or coroutine; the core frees its blocks at its next step."""
         if request_id in self._streams and self.is_running:
@@ -212,23 +200,13 @@ class EngineCoreClient:
         self.metrics.record_stats(message.stats)
         for request_id in message.failed:
             self.output_processor.remove_request(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.put(RequestFailedError(f"request {request_id} failed: {message.error}"))
-                self.metrics.record_failed()
+        self._fail(message.failed, message.error)
         if not message.outputs:
             return
         outputs, stops = self.output_processor.process(message.outputs)
         if stops:
             self._send(StopSequences(stops))
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.put(out)
-            if out.finished:
-                del self._streams[out.request_id]
-                self.metrics.record_finished(out)
+        self._deliver(outputs)
 
     def _on_core_death(self) -> None:
         code = self._process.exitcode
