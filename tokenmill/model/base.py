@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
@@ -111,6 +112,29 @@ class CausalLMBase(nn.Module):
     gguf_layer_names: ClassVar[dict[str, str]] = LLAMA_GGUF_LAYER_NAMES
 
     config: ModelConfig
+    # set by each family's __init__: the token embedding, the rotary tables, the output projection
+    # (None when tied to a float embedding table)
+    embed: nn.Module
+    rotary: Any
+    lm_head: nn.Module | None
+
+    # ---- the runner's interface, shared by every family --------------------------------------------
+
+    @property
+    def max_positions(self) -> int:
+        """Positions this model can embed: a position >= this is out of range."""
+        return self.rotary.max_positions
+
+    @property
+    def embed_tokens(self) -> torch.Tensor:
+        """The float embedding table [vocab, hidden] (a quantized table has none)."""
+        return self.embed.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed.weight).float()
+        return self.lm_head(hidden).float()
 
     # ---- config -------------------------------------------------------------------------------
 

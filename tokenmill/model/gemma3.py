@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
@@ -171,11 +170,6 @@ class Gemma3ForCausalLM(CausalLMBase):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    @property
-    def max_positions(self) -> int:
-        """Positions this model can embed: a position >= this is out of range."""
-        return self.rotary.max_positions
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (final norm applied); K/V written to kv_caches."""
@@ -188,13 +182,3 @@ class Gemma3ForCausalLM(CausalLMBase):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
 
-    @property
-    def embed_tokens(self) -> torch.Tensor:
-        """The float embedding table [vocab, hidden] (a quantized table has none)."""
-        return self.embed.weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed.weight).float()
-        return self.lm_head(hidden).float()

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
@@ -128,11 +127,6 @@ class LlamaForCausalLM(CausalLMBase):
             return config.num_key_value_heads
         return None
 
-    @property
-    def max_positions(self) -> int:
-        """Positions this model can embed: a position >= this is out of range."""
-        return self.rotary.max_positions
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] long (the flattened batch of this step) -> hidden states [T, hidden].
@@ -147,16 +141,6 @@ class LlamaForCausalLM(CausalLMBase):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
 
-    @property
-    def embed_tokens(self) -> torch.Tensor:
-        """The float embedding table [vocab, hidden] (a quantized table has none)."""
-        return self.embed.weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        if self.lm_head is None:
-            return F.linear(hidden, self.embed.weight).float()
-        return self.lm_head(hidden).float()
 
 
 def check_kv_caches(kv_caches: list[KVCache], num_layers: int) -> None:
