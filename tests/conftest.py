@@ -18,6 +18,16 @@ TINY_DIMS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4
              "intermediate_size": 128, "max_position_embeddings": 512}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: two threads on the shared 2-core machine wait
+    on each other and run slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """Path of the default model's GGUF file (SmolLM2-135M-Instruct, Q4_1)."""
