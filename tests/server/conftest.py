@@ -8,6 +8,7 @@ polls /health and records the 503s it saw while loading.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -90,19 +91,45 @@ def serve_in_thread(app: FastAPI) -> RunningServer:
     return RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[RunningServer]:
-    running = serve_in_thread(create_app(ENGINE, max_queue=64))
+def wait_until_ready(running: RunningServer) -> RunningServer:
+    """Poll /health until the app's models are loaded (recording the statuses seen); fail the test if
+    loading fails or takes longer than LOAD_TIMEOUT_S."""
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while True:
         status = httpx.get(f"{running.url}/health", timeout=30).status_code
         running.health_statuses.append(status)
         if status == 200:
-            break
+            return running
         if time.monotonic() > deadline or running.app.state.tokenmill.load_error:
             running.stop()
             pytest.fail(f"the server did not become ready: {running.app.state.tokenmill.load_error}")
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, timeout: float) -> int | None:
+    """Poll a server process's /health until it answers 200, the process exits or timeout passes;
+    returns the last status seen (None if it never answered)."""
+    deadline = time.monotonic() + timeout
+    status = None
+    while status != 200 and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = httpx.get(f"{url}/health", timeout=10).status_code
+        except httpx.TransportError:
+            pass
+        if status != 200:
+            time.sleep(0.1)
+    return status
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    running = wait_until_ready(serve_in_thread(create_app(ENGINE, max_queue=64)))
     yield running
     running.stop()
 

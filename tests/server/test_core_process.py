@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,11 +15,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server.conftest import free_port, wait_for_health
 
 
 def _core_pid(server_pid: int) -> int | None:
@@ -40,19 +35,11 @@ def _core_pid(server_pid: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def default_server():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.server.app", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    status = None
-    while status != 200 and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            status = httpx.get(f"{url}/health", timeout=10).status_code
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    if status != 200:
+    if wait_for_health(proc, url, timeout=600) != 200:
         proc.kill()
         pytest.fail(f"the server did not become ready: {proc.stdout.read()}")
     yield proc, url

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.server.conftest import LOAD_TIMEOUT_S, RunningServer, serve_in_thread
+from tests.server.conftest import RunningServer, serve_in_thread, wait_until_ready
 from tokenmill.config import EngineConfig
 from tokenmill.server.app import add_serve_arguments, create_app
 
@@ -28,13 +27,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def two_models(tiny_hf_model) -> Iterator[RunningServer]:
     configs = [EngineConfig(**SMALL), EngineConfig(model=str(tiny_hf_model("llama")), **SMALL)]
-    running = serve_in_thread(create_app(configs, served_model_names=["smol", "tiny"]))
-    deadline = time.monotonic() + LOAD_TIMEOUT_S
-    while httpx.get(f"{running.url}/health", timeout=30).status_code != 200:
-        if time.monotonic() > deadline or running.app.state.tokenmill.load_error:
-            running.stop()
-            pytest.fail(f"the server did not become ready: {running.app.state.tokenmill.load_error}")
-        time.sleep(0.2)
+    running = wait_until_ready(serve_in_thread(create_app(configs, served_model_names=["smol", "tiny"])))
     yield running
     running.stop()
 

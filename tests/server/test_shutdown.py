@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server.conftest import free_port, wait_for_health
 
 
 def _serve(model: str, port: int) -> subprocess.Popen:
@@ -29,17 +23,11 @@ def _serve(model: str, port: int) -> subprocess.Popen:
 
 
 def test_sigterm_finishes_the_running_stream_then_exits_0(tiny_hf_model):
-    port = _free_port()
+    port = free_port()
     proc = _serve(str(tiny_hf_model()), port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        status = None
-        while status != 200 and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = httpx.get(f"{url}/health", timeout=10).status_code
-            except httpx.TransportError:
-                time.sleep(0.1)
+        status = wait_for_health(proc, url, timeout=300)
         assert status == 200, proc.stdout.read() if proc.poll() is not None else "not ready"
 
         lines: list[str] = []
@@ -69,7 +57,7 @@ def test_sigterm_finishes_the_running_stream_then_exits_0(tiny_hf_model):
 
 
 def test_a_model_that_cannot_load_exits_1(tmp_path):
-    proc = _serve(str(tmp_path / "missing.gguf"), _free_port())
+    proc = _serve(str(tmp_path / "missing.gguf"), free_port())
     try:
         assert proc.wait(180) == 1
     finally:
