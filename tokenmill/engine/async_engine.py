@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.engine.core import EngineInfo, EngineStepError
+from tokenmill.engine.core import EngineInfo, EngineStats, EngineStepError
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -163,7 +163,7 @@ class AsyncEngine(StreamingEngine):
         """Requests not yet running: submitted but not yet scheduled."""
         return self.engine.stats().num_waiting
 
-    def stats(self):
+    def stats(self) -> EngineStats:
         """The engine's stats now (an ``EngineStats``)."""
         return self.engine.stats()
 

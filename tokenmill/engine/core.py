@@ -138,7 +138,7 @@ class EngineCore:
                     prompt: str | None = None, arrival_time: float | None = None,
                     cache_salt: str | None = None) -> str:
         """Queue a request; raises ValueError when it can never fit or names an unknown token."""
-        self.validate(prompt_token_ids, params)
+        validate_request(self.info, prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         request = Request(request_id, list(prompt_token_ids), params, prompt=prompt,
                           arrival_time=arrival_time or time.perf_counter(), cache_salt=cache_salt)
@@ -245,10 +245,6 @@ class EngineCore:
         return new_ids, outputs
 
     # ---- helpers ----------------------------------------------------------------------------
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError naming the problem when a request can never run here."""
-        validate_request(self.info, prompt_token_ids, params)
 
     def _generator(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.info.device)

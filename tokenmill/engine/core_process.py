@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
-import os
 import pickle
 from dataclasses import dataclass, field
 
@@ -149,8 +148,3 @@ def _apply(core: EngineCore, message: object, outbox: zmq.Socket) -> bool:
         return False
     return True
 
-
-def default_core_threads() -> int:
-    """All cores for the forward pass: the API process's work per token is small (measured in
-    docs/benchmarks.md)."""
-    return os.cpu_count() or 1
