@@ -32,7 +32,7 @@ from tokenmill.config import DEFAULT_MODEL, EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.core_client import EngineCoreClient
 from tokenmill.engine.metrics import EngineMetrics
-from tokenmill.server import openai_api, tgi_api
+from tokenmill.server import openai_api, tgi_api, vllm_api
 from tokenmill.server.protocol import ApiError
 from tokenmill.server.serving import ServerState
 
@@ -50,28 +50,32 @@ Engine = EngineConfig | AsyncEngine | EngineCoreClient
 def create_app(engine: Engine | list[Engine], api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, model_names: set[str] | None = None,
                on_load_error: Callable[[], None] | None = None,
-               served_model_names: list[str] | None = None) -> FastAPI:
+               served_model_names: list[str] | None = None,
+               playground_tokenizers: list[str] | None = None) -> FastAPI:
     """The FastAPI app.
 
     engine: an EngineConfig (after startup the app starts the engine core in its own process,
     which loads the model, and shuts it down with the app) or a running-or-not AsyncEngine /
     EngineCoreClient (the caller owns it; the app only starts it); or a list of either kind to serve
     several models, each with its own engine and KV cache, chosen by the request's ``model`` (the first
-    is the default). served_model_names: one name per engine (default: the model's name).
+    is the default). served_model_names: one name per engine (default: the model's name); with one
+    engine, several names are the name it reports and aliases it answers to too (as vLLM's
+    ``--served-model-name A B``).
     api_key: when set, every route but /health, /metrics and the static page needs
     ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for each engine before
     new ones get 429. model_names: extra names accepted in the ``model`` field for the first model.
+    playground_tokenizers: tokenizer files the playground compares besides the models' (ValueError for a bad one).
     """
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     engines = list(engine) if isinstance(engine, list) else [engine]
-    names = _served_names(engines, served_model_names)
+    names, aliases = _served_names(engines, served_model_names)
     configs = [isinstance(e, EngineConfig) for e in engines]
     if any(configs) and not all(configs):
         raise ValueError("create_app: pass either EngineConfigs or engines, not a mix")
     metrics = EngineMetrics() if configs[0] else engines[0].metrics
     state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
-                        extra_model_names=set(model_names or ()), served_names=names)
+                        extra_model_names=set(model_names or ()), served_names=names, aliases=aliases)
     app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error))
     app.state.tokenmill = state
     _add_error_handlers(app)
@@ -79,23 +83,30 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.include_router(openai_api.router)
     app.include_router(tgi_api.router)
-    _include_playground_router(app)
+    app.include_router(vllm_api.router)
+    _include_playground_router(app, playground_tokenizers or [])
     # Last: a mount at "/" would shadow any route added after it.
     app.mount("/", _PlaygroundFiles(directory=PLAYGROUND_DIR, html=True, check_dir=False), name="playground")
     return app
 
 
-def _served_names(engines: list[Engine], names: list[str] | None) -> list[str]:
-    """One distinct served name per engine: the given ones, else each model's own name."""
+def _served_names(engines: list[Engine], names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """One distinct served name per engine: the given ones, else each model's own name; and the aliases
+    (alias -> served name): a single engine's names after its first."""
     from tokenmill.model.source import served_model_name
 
+    aliases: dict[str, str] = {}
+    if names is not None and len(engines) == 1 and len(names) > 1:
+        aliases = dict.fromkeys(names[1:], names[0])
+        names = names[:1]
     if names is not None and len(names) != len(engines):
-        raise ValueError(f"served_model_names: got {len(names)} names for {len(engines)} models")
+        raise ValueError(f"served_model_names: got {len(names)} names for {len(engines)} models "
+                         "(give one name per model, or several names for a single model)")
     names = names or [served_model_name(e.model) if isinstance(e, EngineConfig) else e.info.model_name
                       for e in engines]
     if len(set(names)) != len(names):
         raise ValueError(f"served model names must be distinct, got {names}; name them with --served-model-name")
-    return names
+    return names, aliases
 
 
 def _lifespan(engines: list[Engine], state: ServerState,
@@ -155,8 +166,9 @@ async def _metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def _include_playground_router(app: FastAPI) -> None:
-    """Hook for the playground's own routes: tokenmill/server/playground_api.py's ``router``."""
+def _include_playground_router(app: FastAPI, tokenizer_paths: list[str]) -> None:
+    """Hook for the playground's own routes: tokenmill/server/playground_api.py's ``router`` (and its
+    ``attach``, which loads the ``--playground-tokenizer`` files)."""
     try:
         module = importlib.import_module("tokenmill.server.playground_api")
     except ModuleNotFoundError as exc:
@@ -164,6 +176,7 @@ def _include_playground_router(app: FastAPI) -> None:
             raise
         return
     app.include_router(module.router)
+    module.attach(app, tokenizer_paths)
 
 
 class _PlaygroundFiles(StaticFiles):
@@ -212,7 +225,7 @@ class _AuthMiddleware:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -248,13 +261,18 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, f"{param}: {err.get('msg')} (got {err.get('input')!r})"[:500], param=param)
 
 
+# pydantic's labels of a union's branches without brackets (others look like "list[int]", "function-after[...]");
+# matched whole, so a field whose name starts with one ("stream", "stop") keeps its name
+_BRANCH_LABELS = {"str", "int", "float", "bool", "none", "bytes", "list", "dict"}
+
+
 def _param_name(loc: tuple[Any, ...]) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'; drops pydantic's union-branch labels."""
     name = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif any(c in str(part) for c in "[],") or str(part).startswith(("function-", "list", "dict", "str", "int")):
+        elif any(c in str(part) for c in "[],") or str(part).startswith("function-") or part in _BRANCH_LABELS:
             continue
         else:
             name += f".{part}" if name else str(part)
@@ -275,28 +293,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("models", nargs="*", metavar="MODEL", default=[],
                    help="model(s) to serve, like --model; several: one engine (and KV cache budget) each")
     g.add_argument("--served-model-name", action="append", default=None, dest="served_model_names",
-                   help="the name a model answers to in the API (repeat once per model, in order)")
+                   help="the name a model answers to in the API (repeat once per model, in order; with one "
+                   "model, names after the first are aliases)")
+    g.add_argument("--playground-tokenizer", action="append", default=None, dest="playground_tokenizers",
+                   metavar="PATH", help="a tokenizer for the playground to compare (GGUF file, tokenizer.json "
+                   "or HF folder); repeatable")
 
 
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns 0 after a graceful shutdown, 1 if the model failed to load."""
     import uvicorn
 
-    from tokenmill.cli import engine_config_from_args
+    from tokenmill.cli import engine_config_from_args, replica_config_from_args
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     models = [*args.models, *(args.model or [])] or [DEFAULT_MODEL]
     configs = [engine_config_from_args(argparse.Namespace(**{**vars(args), "model": m})) for m in models]
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    options = {"api_key": api_key, "max_queue": args.max_queue, "model_names": {models[0]},
+               "served_model_names": args.served_model_names, "playground_tokenizers": args.playground_tokenizers}
+    replicas = replica_config_from_args(args)
+    if replicas is not None:  # Ray is imported only here
+        from tokenmill.server.ray_serve import run_replicated_server
+        return run_replicated_server(configs, replicas, options, args.host, args.port)
     server: uvicorn.Server | None = None
 
     def stop() -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(configs if len(configs) > 1 else configs[0], api_key=api_key, max_queue=args.max_queue,
-                     model_names={models[0]}, on_load_error=stop, served_model_names=args.served_model_names)
+    app = create_app(configs if len(configs) > 1 else configs[0], on_load_error=stop, **options)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     print(f"tokenmill: serving {', '.join(models)} on http://{args.host}:{args.port} (loading...)", flush=True)

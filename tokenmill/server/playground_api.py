@@ -6,6 +6,12 @@
   token with the top candidates of the raw distribution and of the distribution after the
   sampling controls, then why it stopped and the timings.
 * ``POST /v1/playground/beam``: one beam search run with its per-step trace and final ranking.
+* ``GET /v1/playground/tokenizers``: every tokenizer ``/v1/tokenize`` can use (``tokenizer`` field):
+  each served model's and those given with ``--playground-tokenizer`` (playground_tokenizers.py).
+* ``GET|POST /v1/playground/context``: KV-cache bytes and measured prefill / decode time against
+  context length (playground_context.py).
+* ``GET /v1/playground/live``: the engine's running / waiting requests, KV blocks, tokens/s and
+  latency percentiles over the last minutes (playground_live.py).
 
 They are public routes like the others (same auth, same errors); docs/api.md documents them.
 """
@@ -16,12 +22,14 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tokenmill.server.protocol import BeamRequest, PlaygroundTokenizeRequest, StepsRequest
+from tokenmill.server import playground_context, playground_live
+from tokenmill.server.playground_tokenizers import FileTokenizer, load_playground_tokenizers
+from tokenmill.server.protocol import ApiError, BeamRequest, PlaygroundTokenizeRequest, StepsRequest
 from tokenmill.server.serving import (
     add_requests,
     check_admission,
@@ -33,6 +41,19 @@ from tokenmill.server.serving import (
 )
 
 router = APIRouter(tags=["playground"])
+router.include_router(playground_context.router)
+router.include_router(playground_live.router)
+
+
+def attach(app: FastAPI, tokenizer_paths: list[str]) -> None:
+    """Load the ``--playground-tokenizer`` files (ValueError for a bad one) and keep them on the app."""
+    taken = set(app.state.tokenmill.served_names)
+    app.state.playground_tokenizers = {t.name: t for t in load_playground_tokenizers(tokenizer_paths, taken)}
+
+
+def file_tokenizers(request: Request) -> dict[str, FileTokenizer]:
+    """The ``--playground-tokenizer`` tokenizers by name (none when the app was built without attach)."""
+    return getattr(request.app.state, "playground_tokenizers", {})
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -77,21 +98,60 @@ def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=not chat_template)
 
 
+@router.get("/v1/playground/tokenizers")
+async def list_tokenizers(request: Request) -> dict[str, Any]:
+    """Every tokenizer /v1/tokenize accepts in ``tokenizer``: the served models' (``loaded`` false while
+    the model loads), then the ``--playground-tokenizer`` files."""
+    state = get_state(request)
+    state.check_model(None)
+    out = []
+    for name in state.served_names:
+        engine = state.engines.get(name)
+        tokenizer = engine.info.tokenizer if engine is not None and engine.info is not None else None
+        out.append({"name": name, "kind": "model", "source": engine.info.model_name if tokenizer else name,
+                    "loaded": tokenizer is not None, "vocab_size": tokenizer.vocab_size if tokenizer else None})
+    for t in file_tokenizers(request).values():
+        out.append({"name": t.name, "kind": t.kind, "source": t.path, "loaded": True,
+                    "vocab_size": t.tokenizer.vocab_size})
+    return {"tokenizers": out}
+
+
+def pick_tokenizer(request: Request, model: str | None, tokenizer: str | None) -> tuple[str, Any]:
+    """(name, Tokenizer) for a /v1/tokenize body: a served model's (``model`` or ``tokenizer`` naming one)
+    or a ``--playground-tokenizer`` file's; 400 when both fields are given, 404 for an unknown name."""
+    state = get_state(request)
+    if tokenizer is None:
+        state.check_model(model)
+        return state.served_name(model), state.ready_engine(model).info.tokenizer
+    if model is not None:
+        raise ApiError(400, "give either model or tokenizer, not both", param="tokenizer")
+    files = file_tokenizers(request)
+    if tokenizer in files:
+        return tokenizer, files[tokenizer].tokenizer
+    try:
+        state.check_model(tokenizer)
+    except ApiError:
+        names = ", ".join(f"`{n}`" for n in [*state.served_names, *files])
+        raise ApiError(404, f"no tokenizer named `{tokenizer}`; this server has {names} "
+                            "(GET /v1/playground/tokenizers)", param="tokenizer", code="tokenizer_not_found") from None
+    return state.served_name(tokenizer), state.ready_engine(tokenizer).info.tokenizer
+
+
 @router.post("/v1/tokenize")
 async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[str, Any]:
     """Split text into tokens: ids, token strings, per-token text and character spans."""
-    state = get_state(request)
-    state.check_model(body.model)
-    tokenizer = state.ready_engine(body.model).info.tokenizer
-    text = prompt_text(tokenizer, body.text, body.chat_template,
-                       add_generation_prompt=body.add_generation_prompt)
+    name, tokenizer = pick_tokenizer(request, body.model, body.tokenizer)
+    try:
+        text = prompt_text(tokenizer, body.text, body.chat_template, add_generation_prompt=body.add_generation_prompt)
+    except ValueError as exc:  # e.g. a tokenizer.json without a chat template
+        raise ApiError(400, str(exc), param="chat_template") from None
     ids = encode_prompt(tokenizer, text, body.chat_template)
-    names = tokenizer.convert_ids_to_tokens(ids)
+    strings = tokenizer.convert_ids_to_tokens(ids)
     pieces = token_pieces(tokenizer, ids)
-    tokens = [{"id": tid, "token": name, "text": piece, "start": start, "end": end}
-              for tid, name, (piece, start, end) in zip(ids, names, pieces, strict=True)]
+    tokens = [{"id": tid, "token": string, "text": piece, "start": start, "end": end}
+              for tid, string, (piece, start, end) in zip(ids, strings, pieces, strict=True)]
     decoded = "".join(p for p, _, _ in pieces)
-    return {"model": state.served_name(body.model), "text": decoded, "count": len(ids), "num_chars": len(decoded),
+    return {"model": name, "text": decoded, "count": len(ids), "num_chars": len(decoded),
             "chars_per_token": len(decoded) / len(ids) if ids else 0.0, "tokens": tokens}
 
 

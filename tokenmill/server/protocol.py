@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.sampling_params import MAX_LOGPROBS, MAX_NUM_BEAMS, SamplingParams, SamplingParamsError
 
@@ -28,12 +28,14 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
              429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # extra response headers (Retry-After on a 429)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``."""
@@ -49,7 +51,19 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingControls(Strict):
+class NullMeansDefault(Strict):
+    """A body whose optional fields take their default when sent as an explicit ``null``, as OpenAI's
+    API does (``"n": null`` is ``n=1``): clients such as text-generation's ``Client.chat`` send every field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class SamplingControls(NullMeansDefault):
     """Fields with SamplingParams' names and meaning, shared by the OpenAI bodies and the
     playground's steps body; None (the default) means SamplingParams' default."""
 
@@ -90,16 +104,22 @@ class SamplingFields(SamplingControls):
     skip_special_tokens: bool | None = None
     # Prefix-cache isolation (vLLM's name): only requests with the same salt share cached KV blocks.
     cache_salt: str | None = Field(default=None, min_length=1)
+    # vLLM's extra: the top-k logprobs of every prompt token (the whole prompt is computed, no cache hit)
+    prompt_logprobs: int | None = None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         body_names: Mapping[str, str]) -> SamplingParams:
+                         body_names: Mapping[str, str], prompt_logprobs: int | None = None) -> SamplingParams:
         """The shared conversion; each endpoint brings its max_tokens and logprobs (None: no limit,
-        no logprobs) and its names for the SamplingParams fields it spells differently."""
+        no logprobs), prompt_logprobs when it needs more than the body's, and its names for the
+        SamplingParams fields it spells differently."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise ApiError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, f"best_of ({self.best_of}) must equal n ({self.n}) or be unset", param="best_of")
         return make_sampling_params(
             body_names, n=self.n, max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(self.logit_bias),
             **self.controls(), **_given(
+                prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
                 num_beams=self.num_beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
                 include_stop_str_in_output=self.include_stop_str_in_output, stop_token_ids=self.stop_token_ids,
                 skip_special_tokens=self.skip_special_tokens))
@@ -114,8 +134,20 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: Any = None  # unsupported
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt (and its logprobs) back, nothing generated."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs, {})
+        """With ``echo`` and ``logprobs: k`` the prompt tokens get their top-k logprobs too (the
+        scoring path of evaluation harnesses). An echo-only request runs one step, whose token the
+        route drops, as vLLM does."""
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs, {},
+                                     prompt_logprobs)
 
 
 class ChatMessage(Strict):
@@ -134,6 +166,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    # vLLM's extra: more variables for the chat template (e.g. {"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
     # Defined by OpenAI, not implemented here: rejected when set.
     tools: Any = None
     tool_choice: Any = None
@@ -230,11 +264,35 @@ class TgiRequest(Strict):
     stream: bool = False
 
 
-class TokenizeRequest(Strict):
-    """POST /tokenize."""
+class TokenizeRequest(NullMeansDefault):
+    """POST /tokenize: TGI's body (``inputs``, ``parameters.truncate``) or vLLM's (``prompt``, or
+    ``messages`` rendered with the chat template); exactly one of inputs, prompt and messages."""
 
-    inputs: str
+    inputs: str | None = None
     parameters: TgiParameters | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    model: str | None = None
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @property
+    def form(self) -> str:
+        """Which of "inputs", "prompt" and "messages" the body gives; a 400 unless exactly one."""
+        given = [name for name in ("inputs", "prompt", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ApiError(400, "send exactly one of inputs (TGI), prompt or messages (vLLM); got "
+                                f"{', '.join(given) or 'none'}", param=given[-1] if given else "prompt")
+        return given[0]
+
+
+class DetokenizeRequest(NullMeansDefault):
+    """POST /detokenize (vLLM)."""
+
+    tokens: list[int]
+    model: str | None = None
 
 
 # -- the playground's bodies (/v1/tokenize, /v1/playground/*) -----------------------------------------
@@ -246,6 +304,7 @@ class PlaygroundTokenizeRequest(Strict):
     chat_template: bool = False  # wrap text as one user message in the model's chat template
     add_generation_prompt: bool = True  # with chat_template: end with the assistant header
     model: str | None = None
+    tokenizer: str | None = None  # instead of model: any name of GET /v1/playground/tokenizers
 
 
 class PromptFields(Strict):
