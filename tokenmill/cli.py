@@ -15,7 +15,15 @@ import logging
 import sys
 from typing import Any
 
-from tokenmill.config import DEFAULT_MODEL, DTYPES, QUANTIZATION_MODES, EngineConfig
+from tokenmill.config import (
+    DEFAULT_MODEL,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATION_MODES,
+    ROUTING_POLICIES,
+    EngineConfig,
+    ReplicaConfig,
+)
 from tokenmill.sampling_params import SamplingParams
 
 CLI_MAX_TOKENS = 256  # an answer in a terminal: longer than SamplingParams' 16
@@ -30,6 +38,7 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 ENGINE = _defaults(EngineConfig)
+REPLICAS = _defaults(ReplicaConfig)
 SAMPLING = _defaults(SamplingParams)
 
 
@@ -51,6 +60,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, several_models: bool =
     g.add_argument("--block-size", type=int, default=ENGINE["block_size"])
     g.add_argument("--kv-cache-memory", dest="kv_cache_memory_gb", type=float,
                    default=ENGINE["kv_cache_memory_gb"], help="KV cache size in GiB")
+    g.add_argument("--kv-cache-dtype", default=ENGINE["kv_cache_dtype"], choices=KV_CACHE_DTYPES,
+                   help="K/V element type; auto: 16-bit (see docs/memory.md), int8: a scale per token and head")
     g.add_argument("--seed", type=int, default=ENGINE["seed"])
     g.add_argument("--threads", type=int, default=ENGINE["threads"])
     g.add_argument("--compile", action="store_true", default=ENGINE["compile"],
@@ -100,6 +111,32 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     if hasattr(args, "speculative_config"):
         values["speculative_config"] = speculative_config_from_args(args)
     return EngineConfig(**values)
+
+
+def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve --replicas N``: N engine replicas on Ray Serve behind one endpoint (docs/scale_out.md)."""
+    g = parser.add_argument_group("replicas (Ray Serve; pip install 'tokenmill[ray]')")
+    g.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engines, each with its own KV cache and threads, behind this endpoint")
+    g.add_argument("--threads-per-replica", type=int, default=REPLICAS["threads_per_replica"], metavar="T",
+                   help="torch threads of each replica (default: the machine's cores / N)")
+    g.add_argument("--routing", default=REPLICAS["routing"], choices=ROUTING_POLICIES,
+                   help="prefix: a prompt goes to the replica holding its prefix unless it is overloaded")
+    g.add_argument("--routing-imbalance", dest="imbalance", type=int, default=REPLICAS["imbalance"], metavar="N",
+                   help="prefix routing passes over a replica whose queue is N requests longer than the shortest")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join a running Ray cluster ('auto' or host:port) instead of starting Ray on this machine")
+
+
+def replica_config_from_args(args: argparse.Namespace) -> ReplicaConfig | None:
+    """The ReplicaConfig of ``serve --replicas N ...``; None without --replicas (the one-process server)."""
+    if getattr(args, "replicas", None) is None:
+        for flag in ("threads_per_replica", "ray_address"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --replicas N")
+        return None
+    return ReplicaConfig(num_replicas=args.replicas, threads_per_replica=args.threads_per_replica,
+                         routing=args.routing, imbalance=args.imbalance, ray_address=args.ray_address)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(serve, several_models=True)
     from tokenmill.server.app import add_serve_arguments
     add_serve_arguments(serve)
+    add_replica_arguments(serve)
 
     bench = sub.add_parser("bench", help="measure TTFT, TPOT, throughput and memory")
     add_engine_arguments(bench)

@@ -12,6 +12,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # vLLM's --kv-cache-dtype
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 SPECULATIVE_METHODS = ("ngram", "draft_model")
@@ -139,6 +140,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_gb: float | None = None  # default: a fraction of free memory, capped
+    # K/V element type: auto picks a 16-bit type (engine/kv_cache.py says which); int8 adds a scale per token and head
+    kv_cache_dtype: str = "auto"
     seed: int = 0
     threads: int | None = None
     compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
@@ -149,6 +152,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -165,6 +170,37 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+
+
+ROUTING_POLICIES = ("prefix", "round-robin")
+
+
+@dataclass
+class ReplicaConfig:
+    """``tokenmill serve --replicas N``: N engines, each with its own KV cache and threads, as Ray Serve
+    replicas behind one endpoint (docs/scale_out.md).
+
+    routing "prefix": a prompt goes to the replica that ran its longest cached prefix unless that replica's
+    queue is more than ``imbalance`` requests longer than the shortest, then to the least-loaded one;
+    "round-robin": replicas in turn (the baseline). ray_address: None starts a Ray instance on this
+    machine's loopback; "auto" or "host:port" joins a running cluster (``ray start --head``).
+    """
+
+    num_replicas: int = 1
+    threads_per_replica: int | None = None  # default: this machine's cores / num_replicas, at least 1
+    routing: str = "prefix"
+    imbalance: int = 8
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.num_replicas}")
+        if self.threads_per_replica is not None and self.threads_per_replica < 1:
+            raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {self.routing!r}")
+        if self.imbalance < 0:
+            raise ValueError(f"imbalance must be >= 0, got {self.imbalance}")
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:

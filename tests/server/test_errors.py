@@ -134,6 +134,7 @@ def test_full_queue_answers_429(server, serve_app):
         await asyncio.gather(*holders)
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "queue_full"
+        assert r.headers["retry-after"] == "1"  # seconds, as RFC 9110 asks
 
     asyncio.run(main())
     assert server.wait_until(lambda: server.engine.num_waiting() == 0, timeout=60)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import importlib
 import logging
 import os
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.config import DEFAULT_MODEL, EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
@@ -39,8 +40,11 @@ from tokenmill.server.serving import ServerState
 logger = logging.getLogger(__name__)
 
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
-OPEN_PATHS = ("/health", "/metrics")  # answer without the API key (probes, Prometheus)
+OPEN_PATHS = ("/health", "/metrics")  # answer without the API key (probes, Prometheus); see protect_metrics
 DEFAULT_MAX_QUEUE = 256
+# Largest request body accepted (413 beyond): TGI's default payload limit. A full 8k-token context is ~50 kB of
+# text or token ids, so this leaves room for many prompts in one body while a 10 MB body is refused unread.
+DEFAULT_MAX_REQUEST_BYTES = 2_000_000
 GRACEFUL_SHUTDOWN_S = 30
 
 
@@ -51,7 +55,8 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, model_names: set[str] | None = None,
                on_load_error: Callable[[], None] | None = None,
                served_model_names: list[str] | None = None,
-               playground_tokenizers: list[str] | None = None) -> FastAPI:
+               playground_tokenizers: list[str] | None = None,
+               max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES, protect_metrics: bool = False) -> FastAPI:
     """The FastAPI app.
 
     engine: an EngineConfig (after startup the app starts the engine core in its own process,
@@ -65,9 +70,13 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
     ``Authorization: Bearer <api_key>``. max_queue: most requests waiting for each engine before
     new ones get 429. model_names: extra names accepted in the ``model`` field for the first model.
     playground_tokenizers: tokenizer files the playground compares besides the models' (ValueError for a bad one).
+    max_request_bytes: bodies larger than this get 413 without being read (None: no limit).
+    protect_metrics: /metrics needs the API key too (default: open to Prometheus, like /health).
     """
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1 (or None for no limit), got {max_request_bytes}")
     engines = list(engine) if isinstance(engine, list) else [engine]
     names, aliases = _served_names(engines, served_model_names)
     configs = [isinstance(e, EngineConfig) for e in engines]
@@ -76,10 +85,12 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
     metrics = EngineMetrics() if configs[0] else engines[0].metrics
     state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
                         extra_model_names=set(model_names or ()), served_names=names, aliases=aliases)
-    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error))
+    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error),
+                  max_body_size=max_request_bytes)
     app.state.tokenmill = state
-    _add_error_handlers(app)
-    app.add_middleware(_AuthMiddleware, state=state)
+    _add_error_handlers(app, max_request_bytes)
+    app.add_middleware(_AuthMiddleware, state=state, protect_metrics=protect_metrics)
+    app.add_middleware(_InternalErrorMiddleware)  # outermost of ours: also catches the auth middleware's errors
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.include_router(openai_api.router)
     app.include_router(tgi_api.router)
@@ -193,36 +204,71 @@ class _PlaygroundFiles(StaticFiles):
 class _AuthMiddleware:
     """401 for a missing or wrong bearer token when an API key is set (pure ASGI: streams untouched)."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, protect_metrics: bool = False) -> None:
         self.app = app
         self.state = state
+        self.open_paths = tuple(p for p in OPEN_PATHS if not (protect_metrics and p == "/metrics"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.state.api_key or self._is_open(scope):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth != f"Bearer {self.state.api_key}":
+        # constant time: how long the comparison takes must not tell how much of a guess was right
+        if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.state.api_key}".encode()):
             error = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              code="invalid_api_key")
             await JSONResponse(error.to_dict(), status_code=401)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    @staticmethod
-    def _is_open(scope: Scope) -> bool:
+    def _is_open(self, scope: Scope) -> bool:
         path = scope["path"]
-        if path in OPEN_PATHS:
+        if path in self.open_paths:
             return True
         if scope["method"] not in ("GET", "HEAD"):
             return False
         # The static playground page holds no data; its API calls carry the key.
-        return path == "/" or (PLAYGROUND_DIR / path.lstrip("/")).resolve().is_relative_to(PLAYGROUND_DIR) \
-            and (PLAYGROUND_DIR / path.lstrip("/")).is_file()
+        file = PLAYGROUND_DIR / path.lstrip("/")
+        try:
+            return path == "/" or file.resolve().is_relative_to(PLAYGROUND_DIR) and file.is_file()
+        except (ValueError, OSError):  # a path no file can have ("embedded null byte", too long): not open
+            return False
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+class _InternalErrorMiddleware:
+    """An unexpected error becomes a JSON 500 and the connection stays usable.
+
+    Starlette's own last-resort handler sends its 500 and then re-raises, and uvicorn closes the
+    keep-alive connection on an exception; here the error is logged and not re-raised. An error after
+    the response started can only end that response (the client sees a truncated body or stream).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:  # noqa: BLE001 - the last resort: reported to the client and the log
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return
+            error = ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+            await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI, max_request_bytes: int | None = None) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
@@ -233,14 +279,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            error = ApiError(413, f"the request body is larger than the server's limit of {max_request_bytes} "
+                                  "bytes (tokenmill serve --max-request-bytes)", code="request_too_large")
+            return JSONResponse(error.to_dict(), status_code=413)
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).to_dict(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
-        return JSONResponse(error.to_dict(), status_code=500)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:

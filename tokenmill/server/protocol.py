@@ -14,6 +14,7 @@ its error becomes a 400 whose ``param`` is the body's own name for the field.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -45,6 +46,39 @@ class ApiError(Exception):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        """JSON can spell a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode character: no tokenizer
+        takes it and no response can echo it. A 400 naming the first field that holds one."""
+        path = lone_surrogate_path(data)
+        if path is not None:
+            raise ApiError(400, f"{path}: the string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), which is not valid Unicode", param=path)
+        return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_path(data: Any) -> str | None:
+    """Where in a parsed JSON value (dicts, lists, strings) a string or key holds a lone surrogate, as a
+    field name (``messages[0].content``; ``body`` for the value itself); None when nowhere. Iterative: a
+    deeply nested body must not overflow the stack."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return path.encode("utf-8", "backslashreplace").decode() or "body"  # a key may hold one too
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                sub = f"{path}.{key}" if path else str(key)
+                stack.append((sub, item))
+                stack.append((sub, key))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 class StreamOptions(Strict):

@@ -23,6 +23,11 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.protocol import ApiError
 
+# The model names TGI-style clients send when they have none: TGI ignores the field, text-generation and
+# the TGI docs send "tgi", huggingface_hub's InferenceClient(base_url=...) sends "dummy". With one model
+# served they mean it; with several a request must name one.
+TGI_PLACEHOLDER_NAMES = frozenset({"tgi", "dummy"})
+
 
 @dataclass
 class ServerState:
@@ -63,7 +68,11 @@ class ServerState:
         if requested in self.aliases:
             return self.aliases[requested]
         by_model = [n for n, e in self.engines.items() if e.info.model_name == requested]
-        return by_model[0] if by_model else None
+        if by_model:
+            return by_model[0]
+        if requested in TGI_PLACEHOLDER_NAMES and len(self.served_names) == 1:
+            return self.served_names[0]
+        return None
 
     def ready_engine(self, model: str | None = None) -> AsyncEngine:
         """The engine serving ``model`` (None: the first), or a 503 while it loads (or failed to load)."""
@@ -103,6 +112,9 @@ class ServerState:
                        param="model", code="model_not_found")
 
 
+RETRY_AFTER_S = 1  # seconds a 429 (queue full) asks the client to wait before it retries
+
+
 def get_state(request: Request) -> ServerState:
     return request.app.state.tokenmill
 
@@ -114,7 +126,7 @@ def check_admission(state: ServerState, num_requests: int, model: str | None = N
     waiting = engine.num_waiting()
     if waiting + num_requests > state.max_queue:
         raise ApiError(429, f"the server is busy: {waiting} requests are waiting (max_queue={state.max_queue}); "
-                            "retry later", code="queue_full")
+                            "retry later", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     return engine
 
 
