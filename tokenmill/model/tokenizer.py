@@ -8,6 +8,7 @@ chat template is rendered with jinja2 the way transformers renders it, so prompt
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,22 @@ import jinja2
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): printable Latin-1 bytes stand
+    for themselves, the other bytes take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_LEVEL_DECODER = _byte_level_alphabet()  # stand-in character -> byte
+_BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
 
 # transformers' clean_up_tokenization: spaces before punctuation and contractions removed on decode.
 _CLEANUP_PAIRS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -68,6 +85,26 @@ class Tokenizer:
     def token_texts(self, ids: list[int]) -> list[str]:
         """What each id decodes to on its own (special tokens included; partial UTF-8 shows U+FFFD)."""
         return self.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` stands for, also when they are not whole UTF-8 characters (a byte-level
+        BPE piece of an emoji, SentencePiece's ``<0xF0>``), where decoding it alone gives U+FFFD."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None or token_id in self.all_special_ids:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        if self._decoder_kind == "byte_level" and all(ch in _BYTE_LEVEL_DECODER for ch in piece):
+            return bytes(_BYTE_LEVEL_DECODER[ch] for ch in piece)
+        if self._decoder_kind == "byte_fallback":
+            match = _BYTE_FALLBACK_PIECE.fullmatch(piece)
+            return bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    @cached_property
+    def _decoder_kind(self) -> str:
+        """How the backend's decoder turns pieces into bytes: "byte_level", "byte_fallback" or "text"."""
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders") or [decoder]}
+        return "byte_level" if "ByteLevel" in kinds else "byte_fallback" if "ByteFallback" in kinds else "text"
 
     # ---- chat template ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}.
 
 Response shapes follow OpenAI's API reference (so the official ``openai`` client parses them);
 streaming uses server-sent events, one chunk per engine step and sample, ending with
@@ -45,9 +45,21 @@ router = APIRouter()
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
     state.ready_engine()  # 503 until the first model is loaded
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tokenmill",
-                                        "max_model_len": engine.info.max_model_len}
-                                       for name, engine in state.engines.items() if engine.is_running]}
+    return {"object": "list", "data": [_model_card(name, engine) for name, engine in state.engines.items()
+                                       if engine.is_running]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model by its served name or an alias (404 for a name this server does not serve)."""
+    state = get_state(request)
+    name = state.served_name(model_id)
+    return _model_card(name, state.ready_engine(name))
+
+
+def _model_card(name: str, engine: AsyncEngine) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tokenmill",
+            "max_model_len": engine.info.max_model_len}
 
 
 @router.post("/v1/completions", response_model=None)
@@ -56,21 +68,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     state.check_model(body.model)
     if body.suffix is not None:
         raise ApiError(400, "suffix is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo together with logprobs is not supported", param="echo")
     tokenizer = state.ready_engine(body.model).info.tokenizer
     prompts, texts = _completion_prompts(body.prompt, tokenizer)
     _check_stream_options(body)
     params = body.to_sampling_params()
     engine = _admit(state, prompts, params.max_tokens, "max_tokens", body.model)
-    ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None)
+    ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None, echo_only=body.echo_only)
     streams = await add_requests(engine, prompts, params, texts, cache_salt=body.cache_salt)
     if body.stream:
         return _sse_response(_stream_completion(ctx, engine, streams, params))
     outputs = await run_to_end(request, engine, streams)
     choices = [_completion_choice(ctx, i, o, c, params) for i, o in enumerate(outputs) for c in o.outputs]
     response = {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                "choices": choices, "usage": _usage(outputs), "system_fingerprint": None}
+                "choices": choices, "usage": _usage(outputs, ctx.echo_only), "system_fingerprint": None}
     return JSONResponse(response, headers=timing_headers(outputs))
 
 
@@ -81,7 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     state.check_model(body.model)
     _reject_unsupported_chat(body)
     tokenizer = state.ready_engine(body.model).info.tokenizer
-    prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt)
+    prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
     _check_stream_options(body)
     params = body.to_sampling_params()
     engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field, body.model)
@@ -93,6 +103,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     choices = [_chat_choice(ctx, c, params) for c in outputs[0].outputs]
     response = {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                 "choices": choices, "usage": _usage(outputs), "system_fingerprint": None}
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = _prompt_logprobs(outputs[0])
     return JSONResponse(response, headers=timing_headers(outputs))
 
 
@@ -146,15 +158,23 @@ def _message_text(i: int, message: ChatMessage) -> str:
     return "\n".join(parts)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """The model's chat template applied to the messages, as token ids."""
+# what chat_template_kwargs may not set: the route's own arguments of the template
+_RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tokenize")
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The model's chat template applied to the messages (with extra template variables), as token ids."""
     if not messages:
         raise ApiError(400, "messages must contain at least one message", param="messages")
+    for name in _RESERVED_TEMPLATE_KWARGS:
+        if name in (template_kwargs or {}):
+            raise ApiError(400, f"chat_template_kwargs must not set {name!r}", param="chat_template_kwargs")
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
                     for i, m in enumerate(messages)]
     try:
         return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True))
+                                                  tokenize=True, **(template_kwargs or {})))
     except ValueError as exc:
         raise ApiError(400, f"messages: {exc}", param="messages") from None
 
@@ -185,7 +205,7 @@ class _Context:
     """Per-response constants: id, created, model name, and how to spell tokens."""
 
     def __init__(self, state: ServerState, body: SamplingFields, prefix: str, tokenizer: Any,
-                 echo_texts: list[str | None] | None = None) -> None:
+                 echo_texts: list[str | None] | None = None, echo_only: bool = False) -> None:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = state.served_name(body.model)
@@ -193,11 +213,17 @@ class _Context:
         self.tokenizer = tokenizer
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.echo_texts = echo_texts
+        self.echo_only = echo_only  # echo with max_tokens 0: the one generated token is dropped
+        self.prompt_logprobs = body.prompt_logprobs is not None
 
     def token_str(self, token_id: int, logprob: Any = None) -> str:
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (a byte-level piece of an emoji is one byte, not U+FFFD's three)."""
+        return list(self.tokenizer.token_bytes(token_id))
 
     def echo(self, i: int, out: RequestOutput) -> str:
         if self.echo_texts is None:
@@ -236,7 +262,7 @@ def _chat_logprobs(ctx: _Context, token_ids: list[int], positions: list[Position
 
     def entry(token_id: int, lp: Any) -> dict[str, Any]:
         text = ctx.token_str(token_id, lp)
-        return {"token": text, "logprob": lp.logprob if lp else None, "bytes": list(text.encode())}
+        return {"token": text, "logprob": lp.logprob if lp else None, "bytes": ctx.token_bytes(token_id)}
 
     content = []
     for token_id, position in zip(token_ids, positions, strict=False):
@@ -246,13 +272,51 @@ def _chat_logprobs(ctx: _Context, token_ids: list[int], positions: list[Position
     return {"content": content, "refusal": None}
 
 
+def _echo_logprobs(ctx: _Context, out: RequestOutput, k: int) -> dict[str, Any]:
+    """The prompt's part of an echoed choice's logprobs: the first token has none (nothing precedes it)."""
+    positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for token_id, position in zip(out.prompt_token_ids, positions, strict=True):
+        chosen = position.get(token_id) if position else None
+        text = ctx.token_str(token_id, chosen)
+        tokens.append(text)
+        token_logprobs.append(chosen.logprob if chosen else None)
+        tops.append({ctx.token_str(t, lp): lp.logprob for t, lp in _top(position, k)} if position else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _join_logprobs(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    return first if second is None else {key: first[key] + second[key] for key in first}
+
+
+def _prompt_logprobs(out: RequestOutput) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token, {token id: {logprob, rank, decoded_token}}; None first."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if position is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                                   "decoded_token": lp.decoded_token}
+                                           for t, lp in position.items()}
+            for position in out.prompt_logprobs]
+
+
 def _completion_choice(ctx: _Context, i: int, out: RequestOutput, c: CompletionOutput,
                        params: SamplingParams) -> dict[str, Any]:
     echo = ctx.echo(i, out)
-    logprobs = _completion_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0, len(echo)) \
-        if params.logprobs is not None else None
-    return {"index": i * ctx.n + c.index, "text": echo + c.text, "logprobs": logprobs,
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    token_ids, positions, text, finish = c.token_ids, c.logprobs, c.text, c.finish_reason
+    if ctx.echo_only:
+        token_ids, positions, text, finish = [], [], "", "length"
+    logprobs = None
+    if params.logprobs is not None:
+        logprobs = _completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
+        if ctx.echo_texts is not None:
+            logprobs = _join_logprobs(_echo_logprobs(ctx, out, params.logprobs), logprobs)
+    choice = {"index": i * ctx.n + c.index, "text": echo + text, "logprobs": logprobs,
+              "finish_reason": finish, "stop_reason": None if ctx.echo_only else c.stop_reason}
+    if ctx.prompt_logprobs:
+        choice["prompt_logprobs"] = _prompt_logprobs(out)
+    return choice
 
 
 def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> dict[str, Any]:
@@ -262,12 +326,12 @@ def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> 
             "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+def _usage(outputs: list[RequestOutput], echo_only: bool = False) -> dict[str, Any]:
     """Token counts of a response. One RequestOutput per prompt (its n samples are its outputs), so
     each prompt and its prefix-cache hits count once however many samples it has."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = 0 if echo_only else sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -299,7 +363,7 @@ def _chunk(ctx: _Context, obj: str, choices: list[dict[str, Any]]) -> dict[str, 
 
 def _final_usage_chunk(ctx: _Context, obj: str, finals: dict[int, RequestOutput]) -> str:
     chunk = _chunk(ctx, obj, [])
-    chunk["usage"] = _usage([finals[i] for i in sorted(finals)])
+    chunk["usage"] = _usage([finals[i] for i in sorted(finals)], ctx.echo_only)
     return sse(chunk)
 
 
@@ -313,15 +377,22 @@ def _stream_completion(ctx: _Context, engine: AsyncEngine, streams: list[Any],
             choices = []
             for c in out.outputs:
                 key = (i, c.index)
-                text = c.delta_text if key in started else ctx.echo(i, out) + c.delta_text
+                echo = "" if key in started else ctx.echo(i, out)
                 started.add(key)
-                finish = c.finish_reason if key not in done else None
-                if not (text or c.delta_token_ids or finish):
+                token_ids, positions, text, finish = c.delta_token_ids, c.delta_logprobs, c.delta_text, c.finish_reason
+                if ctx.echo_only:
+                    token_ids, positions, text, finish = [], [], "", "length" if finish else None
+                text = echo + text
+                finish = finish if key not in done else None
+                if not (text or token_ids or finish):
                     continue
                 if finish:
                     done.add(key)
-                lps = _completion_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0, 0) \
-                    if params.logprobs is not None else None
+                lps = None
+                if params.logprobs is not None:
+                    lps = _completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
+                    if echo:
+                        lps = _join_logprobs(_echo_logprobs(ctx, out, params.logprobs), lps)
                 choices.append({"index": i * ctx.n + c.index, "text": text, "logprobs": lps,
                                 "finish_reason": finish})
             if choices:
@@ -345,15 +416,16 @@ def _stream_chat(ctx: _Context, engine: AsyncEngine, streams: list[Any],
         async for i, out in merge_streams(engine, streams):
             choices = []
             for c in out.outputs:
-                if c.delta_text or c.delta_token_ids:
-                    lps = _chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
-                        if params.logprobs is not None else None
-                    choices.append({"index": c.index, "delta": {"content": c.delta_text}, "logprobs": lps,
-                                    "finish_reason": None})
-                if c.finish_reason and c.index not in done:
+                # one entry per sample and event, as OpenAI sends: the last tokens carry the finish_reason
+                finish = c.finish_reason if c.finish_reason and c.index not in done else None
+                if not (c.delta_text or c.delta_token_ids or finish):
+                    continue
+                if finish:
                     done.add(c.index)
-                    choices.append({"index": c.index, "delta": {}, "logprobs": None,
-                                    "finish_reason": c.finish_reason})
+                lps = _chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
+                    if params.logprobs is not None and c.delta_token_ids else None
+                delta = {"content": c.delta_text} if c.delta_text or c.delta_token_ids else {}
+                choices.append({"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish})
             if choices:
                 yield sse(_chunk(ctx, "chat.completion.chunk", choices))
             if out.finished:

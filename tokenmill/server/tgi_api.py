@@ -2,8 +2,9 @@
 
 ``POST /generate`` returns one object, ``POST /generate_stream`` one SSE event per token, and
 ``POST /`` is TGI's compatibility route that the ``text-generation`` client calls (a list with
-one object, or the stream when ``"stream": true``). Also ``GET /info``, ``GET /health`` and
-``POST /tokenize``. Shapes follow TGI's OpenAPI schema; errors use the server's OpenAI shape.
+one object, or the stream when ``"stream": true``). Also ``GET /info`` and ``GET /health``; TGI's
+``POST /tokenize`` body is answered by vllm_api.py's route. Shapes follow TGI's OpenAPI schema;
+errors use the server's OpenAI shape.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import MAX_N, MAX_STOP_STRINGS, SamplingParams
-from tokenmill.server.protocol import ApiError, TgiParameters, TgiRequest, TokenizeRequest
+from tokenmill.server.protocol import ApiError, TgiParameters, TgiRequest
 from tokenmill.server.serving import (
     ServerState,
     add_requests,
@@ -60,18 +61,6 @@ async def info(request: Request) -> dict[str, Any]:
         "validation_workers": 1, "max_client_batch_size": 1, "router": "tokenmill",
         "version": getattr(tokenmill, "__version__", "0.1.0"), "sha": None, "docker_label": None,
     }
-
-
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> list[dict[str, Any]]:
-    """TGI's shape: [{id, text, start, stop}] with character offsets into ``inputs``."""
-    tokenizer = get_state(request).ready_engine().info.tokenizer
-    encoding = tokenizer.backend.encode(body.inputs)  # tokenizers.Encoding: ids and character offsets
-    pairs = list(zip(encoding.ids, encoding.offsets, strict=True))
-    if body.parameters is not None and body.parameters.truncate:
-        pairs = pairs[-body.parameters.truncate:]
-    return [{"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
-            for token_id, (start, stop) in pairs]
 
 
 @router.post("/generate", response_model=None)
