@@ -1,7 +1,8 @@
 """The playground page in headless Chromium against a real `tokenmill serve` on the default model.
 
 Each view is driven like a user would (type, click, wait), its rendering checked against the API,
-a screenshot saved under the test's tmp dir, and the browser console must stay free of errors.
+a screenshot saved under the test's tmp dir (or $TOKENMILL_SCREENSHOTS when set), and the browser
+console must stay free of errors.
 Needs Debian's chromium (scripts/install_browser.sh installs it; no browser is downloaded):
 without it these tests skip.
 """
@@ -13,12 +14,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 CHROMIUM = os.environ.get("TOKENMILL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -42,11 +45,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_url(tmp_path_factory) -> Iterator[str]:
-    """`tokenmill serve` in a subprocess on a free port, once the model is loaded."""
+    """`tokenmill serve` in a subprocess on a free port, once the model is loaded; besides the model's
+    tokenizer it has a small BPE tokenizer.json for the comparison view."""
+    from tests.server.test_playground_views import train_bpe
+
     port = _free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    folder = tmp_path_factory.mktemp("serve")
+    log = (folder / "serve.log").open("w")
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--max-model-len", "512",
-           "--max-num-seqs", "4", "--kv-cache-memory", "0.05", "--seed", "0"]
+           "--max-num-seqs", "4", "--kv-cache-memory", "0.05", "--seed", "0",
+           "--playground-tokenizer", str(train_bpe(folder / "tiny-bpe"))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -96,7 +104,9 @@ def page(browser, serve_url) -> Iterator[object]:
 
 
 def _shot(pg, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.png"
+    folder = Path(os.environ.get("TOKENMILL_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     pg.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000  # a real rendering, not a blank page
     return path
@@ -183,3 +193,87 @@ def test_beam_view_draws_the_tree_and_the_ranking(page, tmp_path):
     assert page.query_selector_all("#beam-svg .node.pruned") or page.query_selector_all("#beam-svg .node.finished")
     assert len(page.query_selector_all("#beam-svg path.edge")) == len(page.query_selector_all("#beam-svg .node")) - 1
     _shot(page, tmp_path, "beam")
+
+
+def test_compare_view_shows_each_tokenizer_with_its_count(page, serve_url, tmp_path):
+    page.click("#tab-compare")
+    page.wait_for_selector("#cmp-line-1 .tok")
+    text = page.input_value("#cmp-text")
+    names = [n.text_content() for n in page.query_selector_all("#cmp-table tr td:first-child")]
+    assert names == ["smollm2-135m-instruct", "tiny-bpe"]
+    counts = [int(page.get_attribute(f"#cmp-count-{k}", "data-count")) for k in range(2)]
+    for name, count in zip(names, counts, strict=True):
+        expected = httpx.post(f"{serve_url}/v1/tokenize", json={"text": text, "tokenizer": name}, timeout=60).json()
+        assert count == expected["count"]
+    assert counts[0] != counts[1]
+    # the rows are aligned on the same characters: both spell out the whole text
+    for k in range(2):
+        shown = "".join(c.text_content() for c in page.query_selector_all(f"#cmp-line-{k} .tok, #cmp-line-{k} .uncovered"))
+        assert shown == text.replace(" ", "·")
+    assert page.query_selector_all("#cmp-line-1 .tok.differs")  # a coarser vocabulary splits differently
+    page.fill("#cmp-text", "Hello world")
+    page.wait_for_function("document.querySelector('#cmp-count-0').dataset.count === '2'")
+    _shot(page, tmp_path, "compare")
+
+
+def test_context_view_plots_measured_points_and_kv_bytes_per_token(page, default_model_path, tmp_path):
+    from tokenmill.model.gguf import read_gguf
+
+    page.click("#tab-context")
+    page.wait_for_selector("#ctx-formula")
+    assert "not measured yet" in page.text_content("#ctx-status")
+    page.fill("#ctx-points", "5")
+    page.fill("#ctx-max", "160")  # short prompts: the test machine's cores are shared
+    page.click("#ctx-run")
+    page.wait_for_selector("#ctx-decode-plot", timeout=RUN_TIMEOUT_MS)
+    assert page.text_content("#ctx-error") == ""
+    assert len(page.query_selector_all("#ctx-prefill-plot .pt")) >= 5
+    assert len(page.query_selector_all("#ctx-decode-plot .pt")) >= 5
+    assert len(page.query_selector_all("#ctx-table tr.ctx-point")) == 5
+    assert "max context 512" in page.text_content("#ctx-kv-plot")
+    md = read_gguf(str(default_model_path)).metadata
+    layers, kv_heads = md["llama.block_count"], md["llama.attention.head_count_kv"]
+    head_dim = md["llama.embedding_length"] // md["llama.attention.head_count"]
+    dtype = page.text_content("#ctx-formula").rsplit("(", 1)[1].split(")")[0]  # the cache's dtype, e.g. bfloat16
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    assert int(page.get_attribute("#ctx-kv", "data-bytes-per-token")) == 2 * layers * kv_heads * head_dim * element
+    _shot(page, tmp_path, "context")
+
+
+def test_live_view_counts_running_streams_up_and_back_to_zero(page, serve_url, tmp_path):
+    page.click("#tab-live")
+    page.wait_for_function("document.querySelector('#live-running').textContent === '0'")
+    body = {"prompt": "Count from one to one hundred:", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    threads = [threading.Thread(target=httpx.post, args=(f"{serve_url}/v1/completions",),
+                                kwargs={"json": body, "timeout": LOAD_TIMEOUT_S}) for _ in range(4)]
+    for t in threads:
+        t.start()
+    page.wait_for_function("document.querySelector('#live-running').textContent === '4'", timeout=RUN_TIMEOUT_MS)
+    _shot(page, tmp_path, "live_running")
+    for t in threads:
+        t.join()
+    page.wait_for_function("document.querySelector('#live-running').textContent === '0'", timeout=30_000)
+    page.wait_for_function("document.querySelector('#live-tpot').textContent.startsWith('–') === false")
+    assert page.query_selector("#live-chart-requests polyline") is not None
+    _shot(page, tmp_path, "live")
+
+
+def test_every_view_fits_a_phone_and_the_tabs_follow_the_keyboard(browser, serve_url, tmp_path):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(serve_url + "/")
+    pg.wait_for_selector("#tok-tokens .tok")
+    pg.focus("#tab-tokenizer")
+    for view in ["compare", "steps", "beam", "context", "live"]:
+        pg.keyboard.press("ArrowRight")  # the next tab gets focus and shows its view
+        assert pg.evaluate("document.activeElement.id") == f"tab-{view}"
+        assert pg.is_visible(f"#view-{view}") and pg.get_attribute(f"#tab-{view}", "aria-selected") == "true"
+        pg.wait_for_timeout(300)
+        # nothing wider than the phone: the page never scrolls sideways
+        assert pg.evaluate("document.documentElement.scrollWidth") <= 390, view
+        _shot(pg, tmp_path, f"phone_{view}")
+    context.close()
+    assert errors == [], f"console errors: {errors}"

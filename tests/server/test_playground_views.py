@@ -29,7 +29,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. Tokenizers disagree: 12345,
 CORPUS = ["the quick brown fox", "jumps over the lazy dog", "a tokenizer splits text into tokens"] * 20
 
 
-def train_bpe(folder: Path, vocab_size: int = 120) -> Path:
+def train_bpe(folder: Path, vocab_size: int = 300) -> Path:
     """A small byte-level BPE trained on CORPUS, saved as folder/tokenizer.json (deterministic)."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -148,11 +148,27 @@ async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[st
     ids = encode_prompt(tokenizer, text, body.chat_template)
     strings = tokenizer.convert_ids_to_tokens(ids)
     pieces = token_pieces(tokenizer, ids)
-    tokens = [{"id": tid, "token": string, "text": piece, "start": start, "end": end}
-              for tid, string, (piece, start, end) in zip(ids, strings, pieces, strict=True)]
+    sources = source_spans(tokenizer, text, ids, body.chat_template)
+    tokens = [{"id": tid, "token": string, "text": piece, "start": start, "end": end, "source": source,
+               "added": added}
+              for tid, string, (piece, start, end), (source, added) in zip(ids, strings, pieces, sources, strict=True)]
     decoded = "".join(p for p, _, _ in pieces)
-    return {"model": name, "text": decoded, "count": len(ids), "num_chars": len(decoded),
+    return {"model": name, "text": decoded, "prompt_text": text, "count": len(ids), "num_chars": len(decoded),
             "chars_per_token": len(decoded) / len(ids) if ids else 0.0, "tokens": tokens}
+
+
+def source_spans(tokenizer: Any, text: str, ids: list[int], chat_template: bool) -> list[tuple[list[int] | None, bool]]:
+    """Per token: its [start, end) character span in ``text`` (the text that was tokenized) from the
+    tokenizer's own alignment, and whether the tokenizer added it (BOS, [CLS]: span [0, 0]).
+
+    Unlike start/end (spans in the decoded text), these survive normalization (lowercasing, accents
+    stripped) and a SentencePiece prefix space, so different tokenizers' spans line up on the same
+    text. Byte tokens of one character all span that character. None when the alignment is unknown.
+    """
+    encoding = tokenizer.backend.encode(text, add_special_tokens=not chat_template)
+    if encoding.ids != ids:
+        return [(None, False)] * len(ids)
+    return [(list(o), bool(m)) for o, m in zip(encoding.offsets, encoding.special_tokens_mask, strict=True)]
 
 
 # ---- step-by-step view ------------------------------------------------------------------------
