@@ -54,6 +54,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.protocol import ApiError
 from tokenmill.server.replica_metrics import ReplicaStatsBook
 from tokenmill.server.routing import (
+    REPLICA_HEADER,
     PrefixAffinity,
     ReplicaChunk,
     ReplicaRequest,
@@ -64,7 +65,6 @@ from tokenmill.server.serving import RETRY_AFTER_S
 
 logger = logging.getLogger(__name__)
 
-REPLICA_HEADER = "x-tokenmill-replica"
 SUBMIT_ATTEMPTS = 3  # a request that a dying replica never took is retried on another this often
 
 

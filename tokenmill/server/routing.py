@@ -26,6 +26,7 @@ from tokenmill.engine.kv_cache_manager import hash_block
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
+REPLICA_HEADER = "x-tokenmill-replica"  # names the replica(s) that ran a request
 DEFAULT_TABLE_SIZE = 200_000  # block hashes remembered (~ 3.2 M prompt tokens at 16 tokens a block)
 
 
@@ -90,8 +91,9 @@ class PrefixAffinity:
         return None, 0
 
     def record(self, block_hashes: list[bytes], replica: str) -> None:
-        """``replica`` now holds these blocks in its cache."""
-        for h in block_hashes:
+        """``replica`` now holds these blocks in its cache. The first blocks are the most recently used,
+        so a prompt's deepest blocks are forgotten before the prefix it shares with others."""
+        for h in reversed(block_hashes):
             self._owner[h] = replica
             self._owner.move_to_end(h)
         while len(self._owner) > self.table_size:
