@@ -81,37 +81,54 @@ class AttentionMetadata:
               window: int | None = None) -> AttentionMetadata:
         """Build the metadata for sequences given decode-first (``num_new_tokens == 1`` first); with
         ``window``, for layers that see only the last ``window`` positions (see ``windowed``)."""
-        slots: list[int] = []
-        decode_contexts: list[list[int]] = []
+        # Work per block, not per token: a sequence's slots come from its block ids in one tensor op,
+        # so the Python cost of a step grows with blocks (context / block_size), not with context.
+        decodes = seqs[:_num_leading_decodes(seqs)]
+        slot_parts: list[torch.Tensor] = []
+        decode_gather = decode_padding = None
+        if decodes:
+            decode_gather, decode_padding, decode_slots = _decode_tensors(decodes, block_size, window)
+            slot_parts.append(decode_slots)
         prefills: list[PrefillSlice] = []
-        offset = 0
-        for seq in seqs:
+        offset = len(decodes)
+        for seq in seqs[len(decodes):]:
             total = seq.num_computed_tokens + seq.num_new_tokens
             # the earliest position any query of this step may see: query p sees keys p - window < k <= p
             first = 0 if window is None else max(0, seq.num_computed_tokens - window + 1)
             seq_slots = _slots(seq.block_table, first, total, block_size)  # positions first .. total - 1
-            slots.extend(seq_slots[seq.num_computed_tokens - first:])
-            if seq.num_new_tokens == 1 and not prefills:
-                decode_contexts.append(seq_slots)
-            else:
-                prefills.append(_prefill_slice(seq, seq_slots, first, offset, device, window))
+            slot_parts.append(seq_slots[seq.num_computed_tokens - first:])
+            prefills.append(_prefill_slice(seq, seq_slots, first, offset, device, window))
             offset += seq.num_new_tokens
-        decode_gather, decode_padding = _decode_tensors(decode_contexts, device)
+        slot_mapping = slot_parts[0] if len(slot_parts) == 1 else torch.cat(slot_parts) if slot_parts else \
+            torch.zeros(0, dtype=torch.long)
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            num_decode_tokens=len(decode_contexts),
-            decode_gather_index=decode_gather,
-            decode_padding=decode_padding,
+            slot_mapping=slot_mapping.to(device),
+            num_decode_tokens=len(decodes),
+            decode_gather_index=None if decode_gather is None else decode_gather.to(device),
+            decode_padding=None if decode_padding is None else decode_padding.to(device),
             prefills=prefills,
             _seqs=seqs, _block_size=block_size, _device=device,
         )
 
 
-def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+def _num_leading_decodes(seqs: list[SeqSlice]) -> int:
+    """How many sequences at the front are single-token decodes (they come first in a step's batch)."""
+    n = 0
+    while n < len(seqs) and seqs[n].num_new_tokens == 1:
+        n += 1
+    return n
 
 
-def _prefill_slice(seq: SeqSlice, seq_slots: list[int], first: int, offset: int, device,
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slots [end - start] of positions start .. end - 1, built from the blocks they fall in."""
+    first_block, last_block = start // block_size, (end - 1) // block_size + 1
+    blocks = torch.tensor(block_table[first_block:last_block], dtype=torch.long)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)
+    skip = start - first_block * block_size
+    return slots[skip:skip + end - start]
+
+
+def _prefill_slice(seq: SeqSlice, seq_slots: torch.Tensor, first: int, offset: int, device,
                    window: int | None) -> PrefillSlice:
     ctx, q = seq.num_computed_tokens, seq.num_new_tokens
     if ctx == 0 and (window is None or q <= window):  # causal over the fresh K/V: nothing to gather or mask
@@ -123,20 +140,32 @@ def _prefill_slice(seq: SeqSlice, seq_slots: list[int], first: int, offset: int,
     if window is not None:
         mask &= key_pos[None, :] > query_pos[:, None] - window
     # a chunk that starts at position 0 attends to its fresh K/V, only masked
-    gather = None if ctx == 0 else torch.tensor(seq_slots, dtype=torch.long, device=device)
+    gather = None if ctx == 0 else seq_slots.to(device)
     return PrefillSlice(offset, q, gather, mask)
 
 
-def _decode_tensors(contexts: list[list[int]], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if not contexts:
-        return None, None
-    kmax = max(len(c) for c in contexts)
-    gather = torch.zeros(len(contexts), kmax, dtype=torch.long)
-    lens = torch.tensor([len(c) for c in contexts])
-    for i, c in enumerate(contexts):
-        gather[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gather [Bd, Kmax] slots of each decode's context, padding [Bd, 1, 1, Kmax] True = no key there,
+    slots [Bd] where each decode's new token goes), from the decodes' block tables padded to one tensor."""
+    totals = torch.tensor([s.num_computed_tokens + 1 for s in decodes])  # positions 0 .. total - 1 exist
+    num_blocks = max(len(s.block_table) for s in decodes)
+    table = torch.tensor([s.block_table + [0] * (num_blocks - len(s.block_table)) for s in decodes],
+                         dtype=torch.long)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(decodes), -1)  # [Bd, blocks*bs]
+    new_slots = slots.gather(1, (totals - 1)[:, None]).view(-1)
+    if window is None:
+        lens, kmax = totals, int(totals.max())
+        gather = slots[:, :kmax]
+    else:  # only the last ``window`` positions: each row starts at its own first visible position
+        firsts = (totals - window).clamp(min=0)
+        lens = totals - firsts
+        kmax = int(lens.max())
+        cols = (firsts[:, None] + torch.arange(kmax)).clamp(max=slots.shape[1] - 1)
+        gather = slots.gather(1, cols)
     padding = torch.arange(kmax)[None, :] >= lens[:, None]  # [Bd, Kmax]
-    return gather.to(device), padding[:, None, None, :].to(device)
+    # padded columns point at real slots (any: no query attends to them), so the gather stays in range
+    return gather.contiguous(), padding[:, None, None, :], new_slots
 
 
 class AttentionBackend(Protocol):
