@@ -7,6 +7,7 @@ streaming uses server-sent events, one chunk per engine step and sample, ending 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -31,14 +33,20 @@ from tokenmill.server.serving import (
     add_requests,
     check_admission,
     check_context,
+    check_structured_outputs,
     get_state,
     merge_streams,
+    off_loop,
     run_to_end,
     sse,
     timing_headers,
 )
+from tokenmill.server.tool_calls import ToolPlan, ToolStream, history_message
 
 router = APIRouter()
+
+# OpenAI's field for the backend configuration; a string (TGI's client rejects null)
+SYSTEM_FINGERPRINT = f"tokenmill-{tokenmill.__version__}"
 
 
 @router.get("/v1/models")
@@ -69,10 +77,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     if body.suffix is not None:
         raise ApiError(400, "suffix is not supported", param="suffix")
     tokenizer = state.ready_engine(body.model).info.tokenizer
-    prompts, texts = _completion_prompts(body.prompt, tokenizer)
+    prompts, texts = await off_loop(_completion_prompts, body.prompt, tokenizer)
     _check_stream_options(body)
     params = body.to_sampling_params()
     engine = _admit(state, prompts, params.max_tokens, "max_tokens", body.model)
+    await check_structured_outputs(engine, params, body.structured_outputs_field()[1] or "structured_outputs")
     ctx = _Context(state, body, "cmpl", tokenizer, texts if body.echo else None, echo_only=body.echo_only)
     streams = await add_requests(engine, prompts, params, texts, cache_salt=body.cache_salt)
     if body.stream:
@@ -80,7 +89,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     outputs = await run_to_end(request, engine, streams)
     choices = [_completion_choice(ctx, i, o, c, params) for i, o in enumerate(outputs) for c in o.outputs]
     response = {"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
-                "choices": choices, "usage": _usage(outputs, ctx.echo_only), "system_fingerprint": None}
+                "choices": choices, "usage": _usage(outputs, ctx.echo_only), "system_fingerprint": SYSTEM_FINGERPRINT}
     return JSONResponse(response, headers=timing_headers(outputs))
 
 
@@ -91,18 +100,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     state.check_model(body.model)
     _reject_unsupported_chat(body)
     tokenizer = state.ready_engine(body.model).info.tokenizer
-    prompt_ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    tools = ToolPlan.from_body(body.tools, body.tool_choice, body.parallel_tool_calls)
+    prompt_ids = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.add_generation_prompt,
+                                body.chat_template_kwargs, tools)
     _check_stream_options(body)
-    params = body.to_sampling_params()
+    params, constraint_field = _chat_sampling_params(body, tools)
     engine = _admit(state, [prompt_ids], params.max_tokens, body.max_tokens_field, body.model)
+    await check_structured_outputs(engine, params, constraint_field)
     ctx = _Context(state, body, "chatcmpl", tokenizer)
+    ctx.tools = tools if tools is not None and tools.mode != "none" else None
     streams = await add_requests(engine, [prompt_ids], params, cache_salt=body.cache_salt)
     if body.stream:
         return _sse_response(_stream_chat(ctx, engine, streams, params))
     outputs = await run_to_end(request, engine, streams)
     choices = [_chat_choice(ctx, c, params) for c in outputs[0].outputs]
     response = {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
-                "choices": choices, "usage": _usage(outputs), "system_fingerprint": None}
+                "choices": choices, "usage": _usage(outputs), "system_fingerprint": SYSTEM_FINGERPRINT}
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = _prompt_logprobs(outputs[0])
     return JSONResponse(response, headers=timing_headers(outputs))
@@ -138,9 +151,24 @@ def _completion_prompts(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], l
     return ids_list, texts
 
 
+def _chat_sampling_params(body: ChatCompletionRequest, tools: ToolPlan | None) -> tuple[SamplingParams, str]:
+    """The body's SamplingParams, with the grammar that forces a tool call when tool_choice asks for one;
+    and the field to blame when the request's grammar does not compile."""
+    params = body.to_sampling_params()
+    constraint_field = body.structured_outputs_field()[1] or "structured_outputs"
+    forced = tools.structured_outputs() if tools is not None else None
+    if forced is None:
+        return params, constraint_field
+    if params.structured_outputs is not None:
+        raise ApiError(400, f"tool_choice {tools.mode!r} cannot be combined with {constraint_field}",
+                       param="tool_choice")
+    try:
+        return dataclasses.replace(params, structured_outputs=forced), "tools"
+    except ValueError as exc:
+        raise ApiError(400, f"tool_choice: {exc}", param="tool_choice") from None
+
+
 def _message_text(i: int, message: ChatMessage) -> str:
-    if message.tool_calls is not None:
-        raise ApiError(400, f"messages[{i}].tool_calls is not supported", param=f"messages[{i}].tool_calls")
     content = message.content
     if content is None:
         if message.role != "assistant":
@@ -163,15 +191,22 @@ _RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tokenize")
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """The model's chat template applied to the messages (with extra template variables), as token ids."""
+                    template_kwargs: dict[str, Any] | None = None, tools: ToolPlan | None = None) -> list[int]:
+    """The model's chat template applied to the messages (with extra template variables and the
+    request's tools), as token ids."""
     if not messages:
         raise ApiError(400, "messages must contain at least one message", param="messages")
     for name in _RESERVED_TEMPLATE_KWARGS:
         if name in (template_kwargs or {}):
             raise ApiError(400, f"chat_template_kwargs must not set {name!r}", param="chat_template_kwargs")
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
+    template = tokenizer.chat_template
+    takes_tools = bool(template) and "tools" in template
+    conversation = [history_message({"role": "system" if m.role == "developer" else m.role,
+                                     "content": _message_text(i, m)}, m.tool_calls, m.tool_call_id, takes_tools)
                     for i, m in enumerate(messages)]
+    if tools is not None:
+        conversation, tool_kwargs = tools.conversation(conversation, template)
+        template_kwargs = {**(template_kwargs or {}), **tool_kwargs}
     try:
         return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True, **(template_kwargs or {})))
@@ -183,8 +218,6 @@ def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
     for name in CHAT_UNSUPPORTED:
         if getattr(body, name) is not None:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
-    if body.response_format is not None and body.response_format != {"type": "text"}:
-        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
     if body.modalities is not None and body.modalities != ["text"]:
         raise ApiError(400, "modalities: only [\"text\"] is supported", param="modalities")
     if body.store:
@@ -215,6 +248,7 @@ class _Context:
         self.echo_texts = echo_texts
         self.echo_only = echo_only  # echo with max_tokens 0: the one generated token is dropped
         self.prompt_logprobs = body.prompt_logprobs is not None
+        self.tools: ToolPlan | None = None  # chat with tools: answers may be tool calls
 
     def token_str(self, token_id: int, logprob: Any = None) -> str:
         if logprob is not None and logprob.decoded_token is not None:
@@ -322,8 +356,27 @@ def _completion_choice(ctx: _Context, i: int, out: RequestOutput, c: CompletionO
 def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> dict[str, Any]:
     logprobs = _chat_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0) \
         if params.logprobs is not None else None
-    return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+    finish = c.finish_reason
+    if ctx.tools is not None:
+        content, calls = ctx.tools.parse(c.text)
+        if calls:
+            message.update(content=content, tool_calls=[call.to_dict() for call in calls])
+            finish = "tool_calls" if finish == "stop" else finish
+    return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+            "stop_reason": c.stop_reason}
+
+
+def _tool_delta(stream: ToolStream, c: CompletionOutput, finish: str | None) -> tuple[dict[str, Any], str | None]:
+    """A streamed choice's delta and finish_reason when the request has tools (see ToolStream)."""
+    delta = stream.delta(c.delta_text) or {}
+    if finish:
+        last, called = stream.finish()
+        for key, value in (last or {}).items():
+            delta[key] = delta.get(key, "") + value if key == "content" else value
+        if called and finish == "stop":
+            finish = "tool_calls"
+    return delta, finish
 
 
 def _usage(outputs: list[RequestOutput], echo_only: bool = False) -> dict[str, Any]:
@@ -355,7 +408,7 @@ async def _stream_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 def _chunk(ctx: _Context, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
     chunk = {"id": ctx.id, "object": obj, "created": ctx.created, "model": ctx.model, "choices": choices,
-             "system_fingerprint": None}
+             "system_fingerprint": SYSTEM_FINGERPRINT}
     if ctx.include_usage:
         chunk["usage"] = None
     return chunk
@@ -413,6 +466,7 @@ def _stream_chat(ctx: _Context, engine: AsyncEngine, streams: list[Any],
                   "finish_reason": None} for i in range(ctx.n)]
         yield sse(_chunk(ctx, "chat.completion.chunk", first))
         done: set[int] = set()  # samples that sent their finish_reason
+        tool_streams = {i: ToolStream(ctx.tools) for i in range(ctx.n)} if ctx.tools is not None else None
         async for i, out in merge_streams(engine, streams):
             choices = []
             for c in out.outputs:
@@ -425,6 +479,10 @@ def _stream_chat(ctx: _Context, engine: AsyncEngine, streams: list[Any],
                 lps = _chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
                     if params.logprobs is not None and c.delta_token_ids else None
                 delta = {"content": c.delta_text} if c.delta_text or c.delta_token_ids else {}
+                if tool_streams is not None:
+                    delta, finish = _tool_delta(tool_streams[c.index], c, finish)
+                    if not delta and not finish and lps is None:
+                        continue  # text held back: it may be a tool call
                 choices.append({"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish})
             if choices:
                 yield sse(_chunk(ctx, "chat.completion.chunk", choices))
