@@ -4,10 +4,11 @@ Each EngineMetrics owns its own CollectorRegistry (not prometheus_client's globa
 several engines or apps in one process (tests) never collide. The engine thread records into
 it: ``record_finished`` for each finished RequestOutput, ``record_stats`` after each step.
 
-The prefix-cache counters are also exported under vLLM v1's names (``vllm:prefix_cache_queries_total``,
-``vllm:prefix_cache_hits_total``), so a dashboard built for vLLM can plot the hit rate unchanged; so
-are the speculative-decoding counters (``vllm:spec_decode_num_drafts_total``,
-``vllm:spec_decode_num_draft_tokens_total``, ``vllm:spec_decode_num_accepted_tokens_total``).
+Every metric vLLM also has is exported under vLLM v1's name too (``vllm:time_to_first_token_seconds``,
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``, ``vllm:request_success_total{finished_reason}``,
+``vllm:prefix_cache_hits_total``, ``vllm:spec_decode_num_accepted_tokens_total``, ... see VLLM_NAMES), so
+dashboards and alerts built for vLLM work unchanged. vLLM labels its metrics by ``model_name``; this
+registry belongs to one engine and has no model name, so the aliases carry no such label.
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
+# tokenmill's metric -> vLLM's name for the same quantity (counters without their "_total" suffix)
+VLLM_NAMES = {
+    "tokenmill_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "tokenmill_time_per_output_token_seconds": "vllm:time_per_output_token_seconds",
+    "tokenmill_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "tokenmill_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "tokenmill_num_requests_running": "vllm:num_requests_running",
+    "tokenmill_num_requests_waiting": "vllm:num_requests_waiting",
+    "tokenmill_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",  # a fraction in vLLM too, despite "perc"
+    "tokenmill_prompt_tokens": "vllm:prompt_tokens",
+    "tokenmill_generation_tokens": "vllm:generation_tokens",
+    "tokenmill_num_preemptions": "vllm:num_preemptions",
+    "tokenmill_requests": "vllm:request_success",  # label finished_reason (vLLM's), not finish_reason
+    "tokenmill_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "tokenmill_prefix_cache_hits": "vllm:prefix_cache_hits",
+    "tokenmill_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "tokenmill_spec_decode_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "tokenmill_spec_decode_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+}
+
 
 class EngineMetrics:
     """The Prometheus names of DESIGN.md, in a private registry; ``render()`` is /metrics."""
@@ -59,34 +80,36 @@ class EngineMetrics:
         self.preemptions = Counter("tokenmill_num_preemptions", "Requests preempted.", registry=r)
         self.requests = Counter("tokenmill_requests", "Finished requests by finish reason.",
                                 labelnames=["finish_reason"], registry=r)
-        for reason in FINISH_REASONS:
-            self.requests.labels(finish_reason=reason)  # export zeros so dashboards see every label
+        self._vllm_requests = Counter(VLLM_NAMES["tokenmill_requests"], "Finished requests by finish reason.",
+                                      labelnames=["finished_reason"], registry=r)
+        for reason in FINISH_REASONS:  # export zeros so dashboards see every label
+            self.requests.labels(finish_reason=reason)
+            self._vllm_requests.labels(finished_reason=reason)
         self.prefix_cache_queries = Counter("tokenmill_prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.", registry=r)
         self.prefix_cache_hits = Counter("tokenmill_prefix_cache_hits",
                                          "Prompt tokens found in the prefix cache (KV reused).", registry=r)
-        # vLLM labels these by model_name; this registry has no model name, so they carry no label.
-        vllm_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in queried tokens.", registry=r)
-        vllm_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", registry=r)
         self.spec_drafts = Counter("tokenmill_spec_decode_num_drafts",
                                    "Speculative decoding: sequence steps that verified draft tokens.", registry=r)
         self.spec_draft_tokens = Counter("tokenmill_spec_decode_draft_tokens",
                                          "Speculative decoding: draft tokens verified.", registry=r)
         self.spec_accepted_tokens = Counter("tokenmill_spec_decode_accepted_tokens",
                                             "Speculative decoding: draft tokens accepted.", registry=r)
-        vllm_drafts = Counter("vllm:spec_decode_num_drafts", "Speculative decoding drafts.", registry=r)
-        vllm_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", registry=r)
-        vllm_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=r)
-        # Each EngineStats total and the counters it advances (by the difference to the last record_stats).
-        self._total_counters: dict[str, tuple[Counter, ...]] = {
-            "prompt_tokens_total": (self.prompt_tokens,),
-            "generation_tokens_total": (self.generation_tokens,),
-            "num_preemptions_total": (self.preemptions,),
-            "prefix_cache_queries_total": (self.prefix_cache_queries, vllm_queries),
-            "prefix_cache_hits_total": (self.prefix_cache_hits, vllm_hits),
-            "spec_decode_drafts_total": (self.spec_drafts, vllm_drafts),
-            "spec_decode_draft_tokens_total": (self.spec_draft_tokens, vllm_draft_tokens),
-            "spec_decode_accepted_tokens_total": (self.spec_accepted_tokens, vllm_accepted),
+        # each unlabeled collector above that vLLM also has, and its copy under vLLM's name: updated together
+        self._aliases = {c: _alias(c, r) for c in (
+            self.ttft, self.tpot, self.e2e, self.queue_time, self.running, self.waiting, self.kv_usage,
+            self.prompt_tokens, self.generation_tokens, self.preemptions, self.prefix_cache_queries,
+            self.prefix_cache_hits, self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens)}
+        # Each EngineStats total and the counter it advances (by the difference to the last record_stats).
+        self._total_counters: dict[str, Counter] = {
+            "prompt_tokens_total": self.prompt_tokens,
+            "generation_tokens_total": self.generation_tokens,
+            "num_preemptions_total": self.preemptions,
+            "prefix_cache_queries_total": self.prefix_cache_queries,
+            "prefix_cache_hits_total": self.prefix_cache_hits,
+            "spec_decode_drafts_total": self.spec_drafts,
+            "spec_decode_draft_tokens_total": self.spec_draft_tokens,
+            "spec_decode_accepted_tokens_total": self.spec_accepted_tokens,
         }
         self._last_totals = dict.fromkeys(self._total_counters, 0)
 
@@ -94,34 +117,52 @@ class EngineMetrics:
         """Record the latencies and finish reason of a request that just finished."""
         m = out.metrics
         if m.ttft is not None:
-            self.ttft.observe(m.ttft)
+            self._update(self.ttft, "observe", m.ttft)
         if m.tpot is not None and any(len(c.token_ids) > 1 for c in out.outputs):
-            self.tpot.observe(m.tpot)
+            self._update(self.tpot, "observe", m.tpot)
         if m.e2e_latency is not None:
-            self.e2e.observe(m.e2e_latency)
+            self._update(self.e2e, "observe", m.e2e_latency)
         if m.queue_time is not None:
-            self.queue_time.observe(m.queue_time)
-        self.requests.labels(finish_reason=request_finish_reason(out)).inc()
+            self._update(self.queue_time, "observe", m.queue_time)
+        self._count_request(request_finish_reason(out))
 
     def record_failed(self) -> None:
         """A request the engine raised on."""
-        self.requests.labels(finish_reason="error").inc()
+        self._count_request("error")
 
     def record_stats(self, stats: Any) -> None:
         """Set the gauges and advance the counters from an ``EngineStats``."""
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
-        for name, counters in self._total_counters.items():
+        self._update(self.running, "set", stats.num_running)
+        self._update(self.waiting, "set", stats.num_waiting)
+        self._update(self.kv_usage, "set", stats.kv_cache_usage)
+        for name, counter in self._total_counters.items():
             new = getattr(stats, name)
             if new > self._last_totals[name]:
-                for counter in counters:
-                    counter.inc(new - self._last_totals[name])
+                self._update(counter, "inc", new - self._last_totals[name])
             self._last_totals[name] = new
+
+    def _update(self, collector: Any, method: str, value: float) -> None:
+        """``collector.method(value)``, and the same on its vLLM-named copy."""
+        getattr(collector, method)(value)
+        getattr(self._aliases[collector], method)(value)
+
+    def _count_request(self, reason: str) -> None:
+        self.requests.labels(finish_reason=reason).inc()
+        self._vllm_requests.labels(finished_reason=reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _alias(collector: Any, registry: CollectorRegistry) -> Any:
+    """A collector of the same kind (help text, buckets) as ``collector`` under its vLLM name."""
+    family = collector.describe()[0]  # a counter's family name has no "_total"
+    name = VLLM_NAMES[family.name]
+    if isinstance(collector, Histogram):
+        bounds = [float(s.labels["le"]) for s in collector.collect()[0].samples if s.name.endswith("_bucket")]
+        return Histogram(name, family.documentation, buckets=bounds, registry=registry)
+    return type(collector)(name, family.documentation, registry=registry)
 
 
 def request_finish_reason(out: RequestOutput) -> str:
