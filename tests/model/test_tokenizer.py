@@ -96,6 +96,26 @@ def test_token_views(ours):
     assert ours.decode(ids) == " world 🤖"
 
 
+def test_token_bytes_are_the_pieces_own_bytes(ours):
+    ids = ours.encode(" world 🤖")
+    assert b"".join(ours.token_bytes(i) for i in ids) == " world 🤖".encode()
+    assert all(len(ours.token_bytes(i)) < 4 for i in ids[1:])  # pieces of the emoji, not U+FFFD
+    assert ours.token_bytes(ours.eos_token_ids[0]) == ours.eos_token.encode()
+
+
+def test_token_bytes_of_a_byte_fallback_vocabulary():
+    """SentencePiece-style pieces: "▁" is a space, "<0xF0>" is the byte 0xF0."""
+    pieces = ["<unk>", "\u2581hi", *(f"<0x{b:02X}>" for b in range(256))]
+    bpe = tokenizers.models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace("\u2581", " "),
+                                                    tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+    tok = Tokenizer(backend, unk_token="<unk>")
+    ids = [1, *(2 + b for b in "🤖".encode())]
+    assert tok.decode(ids) == " hi🤖" and "\ufffd" in tok.decode(ids[1:2])
+    assert [tok.token_bytes(i) for i in ids] == [b" hi", *(bytes([b]) for b in "🤖".encode())]
+
+
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_transformers(ours, hf_gguf_tokenizer, hf_saved_tokenizer, messages,
