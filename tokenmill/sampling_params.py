@@ -8,12 +8,16 @@ its own name for the field.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_NUM_BEAMS = 16
 MAX_N = 128
+MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (vLLM's upper bound; the engine seeds torch with seed mod 2**63)
 
 
 class SamplingParamsError(ValueError):
@@ -30,6 +34,52 @@ class SamplingParamsError(ValueError):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint the output must satisfy, enforced token by token (engine/structured_output.py).
+
+    Exactly one of:
+    json: a JSON schema (a dict, or its JSON text): the output is one JSON value valid under it.
+    regex: the whole output matches this regular expression (Rust ``regex`` syntax).
+    choice: the output is exactly one of these strings.
+    grammar: a context-free grammar in Lark syntax or llama.cpp's GBNF.
+    json_object: True: the output is one JSON object (any keys).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs: give exactly one of json, regex, choice, grammar, "
+                                      f"json_object; got {given or 'none'}", "structured_outputs")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise SamplingParamsError(f"structured_outputs.json: not valid JSON: {e}",
+                                          "structured_outputs") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise SamplingParamsError("structured_outputs.json: a JSON schema must be an object, got "
+                                      f"{type(self.json).__name__}", "structured_outputs")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SamplingParamsError(f"structured_outputs.{name} must be a non-empty string",
+                                          "structured_outputs")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                                      "structured_outputs")
+        if self.json_object not in (None, True, False):
+            raise SamplingParamsError("structured_outputs.json_object must be true or false", "structured_outputs")
+
+
+@dataclass
 class SamplingParams:
     """Per-request token selection and stopping.
 
@@ -43,7 +93,7 @@ class SamplingParams:
     presence_penalty, frequency_penalty: OpenAI semantics on output tokens, in [-2, 2].
     repetition_penalty: transformers semantics on prompt and output tokens; 1 means off.
     logit_bias: token id -> bias added to its logit, in [-100, 100].
-    seed: seeds this request's own generator (same tokens whatever the batch).
+    seed: seeds this request's own generator, in [0, 2**63 - 1]; None (not -1) draws a random one.
     stop: strings that end generation; cut from the text unless include_stop_str_in_output.
     stop_token_ids: token ids that end generation (besides EOS).
     ignore_eos: keep generating past EOS.
@@ -53,6 +103,8 @@ class SamplingParams:
     num_beams: > 1 runs deterministic beam search with this many beams.
     length_penalty: beam score = sum_logprobs / generated_len ** length_penalty.
     early_stopping: beam search stopping rule (True, False or "never"), as in transformers.
+    structured_outputs: a StructuredOutputsParams (or a dict of its fields) the output must satisfy;
+        generation ends when the constraint is complete (see docs/structured_output.md).
     """
 
     n: int = 1
@@ -77,6 +129,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    structured_outputs: StructuredOutputsParams | None = None
     # Internal: the playground asks for the distribution after the controls too.
     return_processed_topk: int | None = field(default=None, repr=False)
     # Internal: the playground asks for beam search's per-step candidates.
@@ -94,6 +147,11 @@ class SamplingParams:
                 raise SamplingParamsError("logit_bias must map token ids to numbers", "logit_bias") from None
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise SamplingParamsError(f"structured_outputs: {e}", "structured_outputs") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -120,8 +178,11 @@ class SamplingParams:
             if token_id < 0:
                 raise SamplingParamsError(f"logit_bias: token id {token_id} must be >= 0", "logit_bias")
             _check_float(f"logit_bias[{token_id}]", bias, -100.0, 100.0, param="logit_bias")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise SamplingParamsError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+                raise SamplingParamsError(f"seed must be an integer in [0, {MAX_SEED}] (leave it unset for a random "
+                                          f"seed), got {self.seed!r}", "seed")
+        _check_float("length_penalty", self.length_penalty, None, None)
         self._validate_stops()
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
@@ -131,6 +192,8 @@ class SamplingParams:
         if self.early_stopping not in (True, False, "never"):
             raise SamplingParamsError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}",
                                       "early_stopping")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams", "structured_outputs")
         if self.num_beams > 1:
             self._validate_beam_search()
 
@@ -156,6 +219,9 @@ class SamplingParams:
                                       "unset", sampling[0])
         if self.n > self.num_beams:
             raise SamplingParamsError(f"n ({self.n}) must be <= num_beams ({self.num_beams})", "n")
+        if self.structured_outputs is not None:
+            raise SamplingParamsError("num_beams > 1 (beam search) cannot be combined with structured outputs",
+                                      "structured_outputs")
 
     @property
     def greedy(self) -> bool:
@@ -178,8 +244,12 @@ def _check_float(name: str, value: object, low: float | None, high: float | None
     param = param or name
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SamplingParamsError(f"{name} must be a number, got {value!r}", param)
-    if value != value:  # NaN
-        raise SamplingParamsError(f"{name} must be a number, got NaN", param)
+    try:
+        finite = math.isfinite(value)  # NaN and +-Infinity: JSON parsers accept both
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise SamplingParamsError(f"{name} must be a finite number, got {str(value)[:40]}", param)
     _check_range(name, value, low, high, param)
 
 

@@ -67,8 +67,12 @@ class Tokenizer:
     # ---- text <-> ids -------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``; with ``add_special_tokens`` the model's BOS (if it uses one) is prepended.
+
+        Thread-friendly: ``tokenizers``' ``encode`` holds the GIL for the whole call (seconds for megabytes
+        of text) while ``encode_batch`` releases it, so a server tokenizing in a worker thread keeps its event
+        loop running. Same ids either way."""
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (bytes that do not form complete UTF-8 characters become U+FFFD)."""

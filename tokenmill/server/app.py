@@ -85,11 +85,12 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
     metrics = EngineMetrics() if configs[0] else engines[0].metrics
     state = ServerState(metrics=metrics, api_key=api_key or None, max_queue=max_queue,
                         extra_model_names=set(model_names or ()), served_names=names, aliases=aliases)
-    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error),
-                  max_body_size=max_request_bytes)
+    app = FastAPI(title="tokenmill", version="0.1.0", lifespan=_lifespan(engines, state, on_load_error))
     app.state.tokenmill = state
-    _add_error_handlers(app, max_request_bytes)
+    _add_error_handlers(app)
     app.add_middleware(_AuthMiddleware, state=state, protect_metrics=protect_metrics)
+    if max_request_bytes is not None:
+        app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(_InternalErrorMiddleware)  # outermost of ours: also catches the auth middleware's errors
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.include_router(openai_api.router)
@@ -236,6 +237,44 @@ class _AuthMiddleware:
             return False
 
 
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413)
+        self.error = ApiError(413, f"the request body is larger than this server's limit of {max_bytes} bytes "
+                                   "(tokenmill serve --max-request-bytes)", code="request_too_large")
+
+
+class _BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: at once when its Content-Length says so (the body is never read),
+    else as soon as the bytes received pass the limit. (FastAPI's own ``max_body_size`` answers a plain-text
+    413; the API's errors are OpenAI-shaped JSON.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            error = _BodyTooLarge(self.max_bytes).error
+            await JSONResponse(error.to_dict(), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # an HTTPException passes FastAPI's body reading as it is
+                raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 class _InternalErrorMiddleware:
     """An unexpected error becomes a JSON 500 and the connection stays usable.
 
@@ -268,7 +307,7 @@ class _InternalErrorMiddleware:
             await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
 
 
-def _add_error_handlers(app: FastAPI, max_request_bytes: int | None = None) -> None:
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
@@ -279,10 +318,8 @@ def _add_error_handlers(app: FastAPI, max_request_bytes: int | None = None) -> N
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            error = ApiError(413, f"the request body is larger than the server's limit of {max_request_bytes} "
-                                  "bytes (tokenmill serve --max-request-bytes)", code="request_too_large")
-            return JSONResponse(error.to_dict(), status_code=413)
+        if isinstance(exc, _BodyTooLarge):
+            return JSONResponse(exc.error.to_dict(), status_code=413)
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).to_dict(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -334,6 +371,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: env TOKENMILL_API_KEY)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests allowed to wait for each engine; more get 429")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                   help=f"largest request body accepted; larger ones get 413 unread (default {DEFAULT_MAX_REQUEST_BYTES})")
+    g.add_argument("--protect-metrics", action="store_true",
+                   help="with --api-key, /metrics needs the key too (default: open, like /health, for Prometheus)")
     g.add_argument("models", nargs="*", metavar="MODEL", default=[],
                    help="model(s) to serve, like --model; several: one engine (and KV cache budget) each")
     g.add_argument("--served-model-name", action="append", default=None, dest="served_model_names",
@@ -352,11 +393,14 @@ def run_server(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     models = [*args.models, *(args.model or [])] or [DEFAULT_MODEL]
     configs = [engine_config_from_args(argparse.Namespace(**{**vars(args), "model": m})) for m in models]
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     options = {"api_key": api_key, "max_queue": args.max_queue, "model_names": {models[0]},
-               "served_model_names": args.served_model_names, "playground_tokenizers": args.playground_tokenizers}
+               "served_model_names": args.served_model_names, "playground_tokenizers": args.playground_tokenizers,
+               "max_request_bytes": args.max_request_bytes, "protect_metrics": args.protect_metrics}
     replicas = replica_config_from_args(args)
     if replicas is not None:  # Ray is imported only here
         from tokenmill.server.ray_serve import run_replicated_server

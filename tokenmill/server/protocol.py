@@ -20,7 +20,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenmill.sampling_params import MAX_LOGPROBS, MAX_NUM_BEAMS, SamplingParams, SamplingParamsError
+from tokenmill.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_NUM_BEAMS,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 
 class ApiError(Exception):
@@ -140,6 +146,35 @@ class SamplingFields(SamplingControls):
     cache_salt: str | None = Field(default=None, min_length=1)
     # vLLM's extra: the top-k logprobs of every prompt token (the whole prompt is computed, no cache hit)
     prompt_logprobs: int | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* (one at most).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs_field(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The body's output constraint and the field it came from; a 400 when several are set."""
+        fields = {"structured_outputs": self.structured_outputs, "guided_json": self.guided_json,
+                  "guided_regex": self.guided_regex, "guided_choice": self.guided_choice,
+                  "guided_grammar": self.guided_grammar}
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            fields["response_format"] = self.response_format
+        given = [name for name, value in fields.items() if value is not None]
+        if len(given) > 1:
+            raise ApiError(400, f"give at most one of {', '.join(given)}", param=given[1])
+        if not given:
+            return None, None
+        name = given[0]
+        try:
+            if name == "response_format":
+                return response_format_params(self.response_format), name
+            if name == "structured_outputs":
+                return StructuredOutputsParams(**self.structured_outputs), name
+            return StructuredOutputsParams(**{name.removeprefix("guided_"): fields[name]}), name
+        except (SamplingParamsError, TypeError) as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name) from None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          body_names: Mapping[str, str], prompt_logprobs: int | None = None) -> SamplingParams:
@@ -150,8 +185,11 @@ class SamplingFields(SamplingControls):
             raise ApiError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, f"best_of ({self.best_of}) must equal n ({self.n}) or be unset", param="best_of")
+        structured, field_name = self.structured_outputs_field()
+        body_names = {**body_names, "structured_outputs": field_name or "structured_outputs"}
         return make_sampling_params(
             body_names, n=self.n, max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(self.logit_bias),
+            structured_outputs=structured,
             **self.controls(), **_given(
                 prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
                 num_beams=self.num_beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
@@ -185,10 +223,11 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: Any = None  # unsupported
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
     refusal: Any = None
 
 
@@ -203,12 +242,11 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extra: more variables for the chat template (e.g. {"enable_thinking": false})
     chat_template_kwargs: dict[str, Any] | None = None
     # Defined by OpenAI, not implemented here: rejected when set.
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Any] | None = None  # validated in server/tool_calls.py
+    tool_choice: str | dict[str, Any] | None = None
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
+    parallel_tool_calls: bool | None = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -233,7 +271,7 @@ class ChatCompletionRequest(SamplingFields):
                                      {"max_tokens": self.max_tokens_field, "logprobs": "top_logprobs"})
 
 
-CHAT_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
+CHAT_UNSUPPORTED = ("functions", "function_call", "audio",
                     "prediction", "reasoning_effort", "web_search_options", "service_tier", "metadata")
 
 
@@ -242,7 +280,8 @@ class TgiParameters(Strict):
 
     # SamplingParams field -> this body's name for it
     BODY_NAMES: ClassVar[dict[str, str]] = {"max_tokens": "max_new_tokens", "n": "best_of",
-                                            "logprobs": "top_n_tokens", "prompt_logprobs": "decoder_input_details"}
+                                            "logprobs": "top_n_tokens", "prompt_logprobs": "decoder_input_details",
+                                            "structured_outputs": "grammar"}
 
     best_of: int | None = None
     decoder_input_details: bool = False
@@ -258,10 +297,10 @@ class TgiParameters(Strict):
     top_k: int | None = None
     top_n_tokens: int | None = None
     top_p: float | None = None
-    truncate: int | None = None
+    truncate: int | None = Field(default=None, ge=1)  # keep the last N prompt tokens (/generate, /tokenize)
     typical_p: Any = None  # unsupported
     watermark: bool = False  # true is rejected
-    grammar: Any = None  # unsupported
+    grammar: dict[str, Any] | None = None  # {"type": "json" | "regex" | "json_schema", "value": ...}
     adapter_id: Any = None  # unsupported
 
     def to_sampling_params(self) -> SamplingParams:
@@ -286,8 +325,27 @@ class TgiParameters(Strict):
             self.BODY_NAMES, n=best_of, max_tokens=self.max_new_tokens, seed=seed, stop=self.stop,
             logprobs=(self.top_n_tokens or 0) if (self.details or self.top_n_tokens or best_of > 1) else None,
             prompt_logprobs=0 if self.decoder_input_details else None,
+            structured_outputs=self.structured_outputs(),
             **_given(temperature=self.temperature if sampling else 0.0, top_k=self.top_k, top_p=self.top_p,
                      repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty))
+
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        """TGI's grammar: a JSON schema (object or its text), a regex, or {"name", "schema"} (json_schema)."""
+        if self.grammar is None:
+            return None
+        kind, value = self.grammar.get("type"), self.grammar.get("value")
+        try:
+            if kind == "json" and isinstance(value, (dict, str)):
+                return StructuredOutputsParams(json=value)
+            if kind == "regex" and isinstance(value, str):
+                return StructuredOutputsParams(regex=value)
+            if kind == "json_schema" and isinstance(value, dict) and isinstance(value.get("schema"), dict):
+                return StructuredOutputsParams(json=value["schema"])
+        except SamplingParamsError as exc:
+            raise ApiError(400, f"grammar: {exc}", param="grammar") from None
+        raise ApiError(400, 'grammar must be {"type": "json", "value": <JSON schema>}, {"type": "regex", "value": '
+                            '<regex>} or {"type": "json_schema", "value": {"name", "schema"}}', param="grammar")
 
 
 class TgiRequest(Strict):
@@ -396,6 +454,24 @@ def make_sampling_params(body_names: Mapping[str, str], **kwargs: Any) -> Sampli
         param = body_names.get(exc.param, exc.param) if exc.param else None
         message = str(exc) if param == exc.param else f"{param}: {exc}"
         raise ApiError(400, message, param=param) from None
+
+
+def response_format_params(response_format: dict[str, Any]) -> StructuredOutputsParams | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, 'response_format: json_schema must be {"name": ..., "schema": {...}}',
+                           param="response_format")
+        return StructuredOutputsParams(json=spec.get("schema") or {})
+    raise ApiError(400, 'response_format: type must be "text", "json_object" or "json_schema", '
+                        f"got {kind!r}", param="response_format")
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:

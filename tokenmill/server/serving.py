@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, RequestStream
+from tokenmill.engine.core import grammar_compiler_for
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, SamplingParamsError
 from tokenmill.server.protocol import ApiError
 
 # The model names TGI-style clients send when they have none: TGI ignores the field, text-generation and
@@ -112,7 +113,15 @@ class ServerState:
                        param="model", code="model_not_found")
 
 
+T = TypeVar("T")
 RETRY_AFTER_S = 1  # seconds a 429 (queue full) asks the client to wait before it retries
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread. For a request's CPU work on the API side (tokenizing, rendering a chat
+    template): megabytes of text take seconds, and on the event loop they would stall /health and every open
+    stream meanwhile. (Tokenizer.encode releases the GIL; a template renders in Python, sharing it.)"""
+    return await asyncio.to_thread(fn, *args)
 
 
 def get_state(request: Request) -> ServerState:
@@ -120,9 +129,14 @@ def get_state(request: Request) -> ServerState:
 
 
 def check_admission(state: ServerState, num_requests: int, model: str | None = None) -> AsyncEngine:
-    """The engine of ``model`` (None: the first) if ``num_requests`` more fit in its waiting queue, else 429."""
+    """The engine of ``model`` (None: the first) if ``num_requests`` more fit in its waiting queue, else 429
+    (with Retry-After); a 400 when they could never fit, since retrying would not help."""
     state.check_model(model)
     engine = state.ready_engine(model)
+    if num_requests > state.max_queue:
+        raise ApiError(400, f"this request holds {num_requests} prompts but at most {state.max_queue} requests may "
+                            f"wait (max_queue): send at most {state.max_queue} prompts per request",
+                       param="prompt", code="too_many_prompts")
     waiting = engine.num_waiting()
     if waiting + num_requests > state.max_queue:
         raise ApiError(429, f"the server is busy: {waiting} requests are waiting (max_queue={state.max_queue}); "
@@ -141,6 +155,16 @@ def check_context(engine: AsyncEngine, prompt_len: int, max_tokens: int | None, 
         raise ApiError(400, f"This model's maximum context length is {max_len} tokens; the request needs "
                             f"{prompt_len + (max_tokens or 1)} ({wanted}). Shorten the prompt or lower "
                             f"{field_name}.", param=field_name, code="context_length_exceeded")
+
+
+async def check_structured_outputs(engine: AsyncEngine, params: SamplingParams, field_name: str) -> None:
+    """A 400 naming the body's field when the request's grammar (schema, regex ...) does not compile."""
+    if params.structured_outputs is None:
+        return
+    try:
+        await off_loop(grammar_compiler_for(engine.info).compile, params.structured_outputs)
+    except SamplingParamsError as exc:
+        raise ApiError(400, f"{field_name}: {exc}", param=field_name) from None
 
 
 async def add_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,

@@ -26,8 +26,10 @@ from tokenmill.server.serving import (
     add_requests,
     check_admission,
     check_context,
+    check_structured_outputs,
     get_state,
     merge_streams,
+    off_loop,
     run_to_end,
     sse,
     timing_headers,
@@ -105,19 +107,18 @@ async def _submit(body: TgiRequest, request: Request, stream: bool = False) -> _
     tokenizer = engine.info.tokenizer
     if not body.inputs:
         raise ApiError(400, "inputs must not be empty", param="inputs")
-    if p.truncate is not None and p.truncate < 1:
-        raise ApiError(400, f"truncate must be >= 1, got {p.truncate}", param="truncate")
-    prompt_ids = tokenizer.encode(body.inputs)
+    prompt_ids = await off_loop(tokenizer.encode, body.inputs)  # truncate >= 1: checked by TgiParameters
     if p.truncate:
         prompt_ids = prompt_ids[-p.truncate:]
     params = p.to_sampling_params()
     check_context(engine, len(prompt_ids), params.max_tokens, "max_new_tokens")
+    await check_structured_outputs(engine, params, "grammar")
     streams = await add_requests(engine, [prompt_ids], params, [body.inputs])
     return _Job(state, engine, body, params, prompt_ids, streams)
 
 
 def _reject_unsupported(p: TgiParameters, stream: bool) -> None:
-    for name in ("typical_p", "grammar", "adapter_id"):
+    for name in ("typical_p", "adapter_id"):
         if getattr(p, name) is not None:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
     if p.watermark:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 import tokenmill
 from tokenmill.server.openai_api import chat_prompt_ids
 from tokenmill.server.protocol import ApiError, DetokenizeRequest, TokenizeRequest
-from tokenmill.server.serving import get_state
+from tokenmill.server.serving import get_state, off_loop
 
 router = APIRouter()
 
@@ -28,21 +28,23 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[dict[str, An
     info = state.ready_engine(body.model).info
     tokenizer = info.tokenizer
     if form == "inputs":
-        return _tgi_tokens(tokenizer, body)
+        return await off_loop(_tgi_tokens, tokenizer, body)
     if form == "messages":
-        ids = chat_prompt_ids(tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        ids = await off_loop(chat_prompt_ids, tokenizer, body.messages, body.add_generation_prompt,
+                             body.chat_template_kwargs)
         if body.add_special_tokens:  # the template writes its special tokens; this adds the tokenizer's (BOS) too
             ids = tokenizer.encode("", add_special_tokens=True) + ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        ids = await off_loop(tokenizer.encode, body.prompt, add_special)
     return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids,
             "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 
 
 def _tgi_tokens(tokenizer: Any, body: TokenizeRequest) -> list[dict[str, Any]]:
     """TGI's shape: [{id, text, start, stop}] with character offsets into ``inputs``."""
-    encoding = tokenizer.backend.encode(body.inputs)  # tokenizers.Encoding: ids and character offsets
+    # tokenizers.Encoding: ids and character offsets (encode_batch releases the GIL; this runs off the event loop)
+    encoding = tokenizer.backend.encode_batch([body.inputs])[0]
     pairs = list(zip(encoding.ids, encoding.offsets, strict=True))
     if body.parameters is not None and body.parameters.truncate:
         pairs = pairs[-body.parameters.truncate:]
