@@ -9,6 +9,7 @@ where the terminal wants its own (CLI_MAX_TOKENS, CLI_TEMPERATURE).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -172,8 +173,35 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**given)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the default of each flag that takes a value, also of flags without a help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "%(default)" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._get_help_string(action):  # argparse prints no help for help=None
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and subcommand parsers, which take the parent's class) with _HelpFormatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine and server")
+    from tokenmill import __version__
+
+    parser = _Parser(prog="tokenmill", description="LLM inference engine and server")
+    parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

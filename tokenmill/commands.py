@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import itertools
 import json
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
 from tokenmill.cli import engine_config_from_args, sampling_params_from_args
+from tokenmill.config import EngineConfig
 from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+# what `/set NAME VALUE` may change between chat turns
+CHAT_SETTINGS = ("max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "seed", "stop")
+CHAT_HELP = f"""commands:
+  /help              this list
+  /reset             forget the conversation (the system message stays)
+  /set NAME VALUE    a sampling option for the next turns, e.g. /set temperature 0.2 (VALUE none: the default)
+                     NAME: {", ".join(CHAT_SETTINGS)}
+  /show              the current sampling options
+  /exit              quit (so do an empty line and Ctrl-D)"""
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -15,8 +34,7 @@ def generate(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     if not args.prompt:
         raise ValueError("prompt must not be empty")
-    from tokenmill.engine.llm_engine import LLMEngine
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = _load_engine(engine_config_from_args(args))
     prompt_ids = _prompt_ids(engine.tokenizer, args.prompt, args.chat, args.system)
     stream = not args.json and params.n == 1 and not params.use_beam_search
     final = _run_one(engine, prompt_ids, params, args.prompt, stream)
@@ -35,19 +53,27 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    """Interactive chat: each line you type is a user turn; an empty line or EOF ends it."""
+    """Interactive chat: each line you type is a user turn; /help lists the commands; an empty line,
+    /exit or EOF ends it."""
     params = sampling_params_from_args(args)
-    from tokenmill.engine.llm_engine import LLMEngine
-    engine = LLMEngine(engine_config_from_args(args))
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("tokenmill chat: type a message, an empty line to quit.", file=sys.stderr)
+    engine = _load_engine(engine_config_from_args(args))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("tokenmill chat: type a message; /help for commands, an empty line to quit.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
         except EOFError:
             break
-        if not line.strip():
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
             break
+        if line.startswith("/"):
+            if line.strip() == "/reset":
+                messages = list(system)
+                print("(conversation cleared)", file=sys.stderr)
+            else:
+                params = _chat_command(line.strip(), params)
+            continue
         messages.append({"role": "user", "content": line})
         prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
@@ -56,6 +82,73 @@ def chat(args: argparse.Namespace) -> int:
         print(_metrics_line(final), file=sys.stderr)
         messages.append({"role": "assistant", "content": final.outputs[0].text})
     return 0
+
+
+def _chat_command(line: str, params: SamplingParams) -> SamplingParams:
+    """Run a chat command other than /exit and /reset; returns the sampling options for the next turns."""
+    name, *rest = line[1:].split(maxsplit=2)
+    if name == "help":
+        print(CHAT_HELP, file=sys.stderr)
+    elif name == "show":
+        print(" ".join(f"{f}={getattr(params, f)!r}" for f in CHAT_SETTINGS), file=sys.stderr)
+    elif name == "set" and len(rest) == 2 and rest[0] in CHAT_SETTINGS:
+        try:
+            params = dataclasses.replace(params, **{rest[0]: _setting_value(rest[0], rest[1])})
+            print(f"({rest[0]} = {getattr(params, rest[0])!r})", file=sys.stderr)
+        except ValueError as e:  # SamplingParams' own check: the option keeps its value
+            print(f"error: {e}", file=sys.stderr)
+    elif name == "set":
+        print(f"usage: /set NAME VALUE with NAME one of {', '.join(CHAT_SETTINGS)}", file=sys.stderr)
+    else:
+        print(f"unknown command /{name}; /help lists them", file=sys.stderr)
+    return params
+
+
+def _setting_value(name: str, text: str) -> object:
+    """The typed value of ``/set NAME TEXT``: none (the default), a string for stop, else a number."""
+    default = next(f.default for f in dataclasses.fields(SamplingParams) if f.name == name)
+    if text.lower() == "none":
+        return default
+    if name == "stop":
+        return [text]
+    kind = float if isinstance(default, float) else int
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {text!r}") from None
+
+
+@contextlib.contextmanager
+def _loading(model: str) -> Iterator[None]:
+    """A progress line on stderr while the model loads: a spinner on a terminal, one line otherwise."""
+    start, done, label = time.perf_counter(), threading.Event(), f"Loading {model}"
+
+    def spin() -> None:
+        for frame in itertools.cycle("|/-\\"):
+            if done.wait(0.1):
+                return
+            print(f"\r{label} {frame} {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+
+    spinner = threading.Thread(target=spin, daemon=True) if sys.stderr.isatty() else None
+    if spinner is not None:
+        spinner.start()
+    else:
+        print(f"{label} ...", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        done.set()
+        if spinner is not None:
+            spinner.join()
+            print("\r\033[K", end="", file=sys.stderr)
+    print(f"Loaded {model} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _load_engine(config: EngineConfig):
+    from tokenmill.engine.llm_engine import LLMEngine
+
+    with _loading(config.model):
+        return LLMEngine(config)
 
 
 def tokenize(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ def test_generate_chat_answers_paris_and_prints_metrics():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "TTFT" in r.stderr and "TPOT" in r.stderr and "tokens/s" in r.stderr
+    assert "Loading smollm2-135m-instruct" in r.stderr and "Loaded smollm2-135m-instruct in" in r.stderr
 
 
 def test_generate_json_has_the_documented_shape():
@@ -74,13 +75,29 @@ def test_non_model_file_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "notes.gguf" in r.stderr
 
 
-def test_chat_keeps_the_conversation_and_ends_on_an_empty_line():
+def test_chat_keeps_the_conversation_takes_commands_and_ends_on_an_empty_line():
+    turns = ["What is the capital of France?", "/help", "/set top_k 1", "/set top_p 2", "/set nope 1", "/show",
+             "And of Germany?", "/reset", ""]
     r = subprocess.run([sys.executable, "-m", "tokenmill", "chat", "--temperature", "0", "--max-tokens", "24"],
-                       input="What is the capital of France?\nAnd of Germany?\n\n", capture_output=True,
-                       text=True, timeout=300)
+                       input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "Berlin" in r.stdout
     assert r.stderr.count("TTFT") == 2
+    assert "/reset" in r.stderr and "(top_k = 1)" in r.stderr and "top_k=1 " in r.stderr
+    assert "top_p must be in (0, 1], got 2.0" in r.stderr and "usage: /set NAME VALUE" in r.stderr
+    assert "(conversation cleared)" in r.stderr
+
+
+def test_version_and_help_show_defaults(capsys):
+    from tokenmill import __version__
+
+    for argv in (["--version"], ["generate", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"tokenmill {__version__}" in out
+    assert "(default: smollm2-135m-instruct)" in out and "(default: 256)" in out  # --model, --max-tokens
 
 
 # ---- flags -> EngineConfig / SamplingParams (no model) ------------------------------------------
