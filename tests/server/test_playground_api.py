@@ -46,7 +46,10 @@ def test_tokenize_matches_transformers_ids_and_spans_cover_the_text(server):
                                                  15107, 116, 228]
     assert data["text"] == text and data["count"] == 13 and data["num_chars"] == len(text)
     assert data["chars_per_token"] == pytest.approx(len(text) / 13)
-    assert data["tokens"][1] == {"id": 905, "token": "Ġworld", "text": " world", "start": 5, "end": 11}
+    assert data["tokens"][1] == {"id": 905, "token": "Ġworld", "text": " world", "start": 5, "end": 11,
+                                 "source": [5, 11], "added": False}
+    # the tokenizer's own offsets into the input: the three byte tokens of " 東" all span its characters
+    assert [t["source"] for t in data["tokens"][5:8]] == [[18, 20], [19, 20], [19, 20]]
     for t in data["tokens"]:
         assert text[t["start"]:t["end"]] == t["text"]
     # "東" is three byte tokens: the first two add no text, the third adds " 東".

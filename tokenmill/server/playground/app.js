@@ -398,7 +398,8 @@ function lineChart({ id, title, xLabel, yLabel, series, xMin = 0, xMax, yMax, vl
   const all = series.flatMap((s) => s.points).filter((p) => p[1] !== null && p[1] !== undefined);
   const xHi = xMax ?? Math.max(1, ...all.map((p) => p[0]), ...vlines.map((v) => v.x));
   const yStep = niceStep(yMax ?? Math.max(0, ...all.map((p) => p[1])), yUnit);
-  const yHi = yMax ?? Math.max(yStep, Math.ceil(Math.max(0, ...all.map((p) => p[1])) / yStep) * yStep);
+  // headroom above the highest point keeps it clear of the legend
+  const yHi = yMax ?? Math.max(yStep, Math.ceil(1.15 * Math.max(0, ...all.map((p) => p[1])) / yStep) * yStep);
   const xStep = niceStep(xHi - xMin);
   const X = (x) => L + ((x - xMin) / ((xHi - xMin) || 1)) * (width - L - R);
   const Y = (y) => height - B - (y / (yHi || 1)) * (height - T - B);
@@ -424,6 +425,12 @@ function lineChart({ id, title, xLabel, yLabel, series, xMin = 0, xMax, yMax, vl
     svg.append(svgEl("line", { x1: X(v.x), x2: X(v.x), y1: T, y2: height - B, class: "vline " + (v.cls || "") }));
     text(X(v.x) - 3, height - B - 4, v.label, "vlabel", "end");
   }
+  series.forEach((s, si) => {  // legend, top left inside the plot: a sample of the line (same dash) and its name
+    const ly = T + 6 + si * 14, lx = L + 8;
+    svg.append(svgEl("rect", { x: lx - 2, y: ly - 7, width: 7 * s.name.length + 30, height: 14, class: "legend-bg" }));
+    svg.append(svgEl("line", { x1: lx, x2: lx + 18, y1: ly, y2: ly, class: `line s${si} ${s.cls || ""}` }));
+    text(lx + 22, ly + 4, s.name, "legend");
+  });
   series.forEach((s, si) => {
     const pts = s.points.filter((p) => p[1] !== null && p[1] !== undefined);
     if (pts.length > 1) {
@@ -439,11 +446,6 @@ function lineChart({ id, title, xLabel, yLabel, series, xMin = 0, xMax, yMax, vl
       m.append(tip);
       svg.append(m);
     }
-    // legend, top left inside the plot: a sample of the line (same dash) and its name
-    const ly = T + 6 + si * 14, lx = L + 8;
-    svg.append(svgEl("rect", { x: lx - 2, y: ly - 7, width: 8 * s.name.length + 30, height: 14, class: "legend-bg" }));
-    svg.append(svgEl("line", { x1: lx, x2: lx + 18, y1: ly, y2: ly, class: `line s${si} ${s.cls || ""}` }));
-    text(lx + 22, ly + 4, s.name, "legend");
   });
   return svg;
 }
@@ -536,8 +538,8 @@ function segments(chars, tokens) {
 function drawCompare(text, chosen, results) {
   const chars = Array.from(text);
   const segs = results.map((r) => segments(chars, r.tokens));
-  // a boundary is a character offset where a token ends; one every tokenizer has is "shared"
-  const ends = segs.map((ss) => new Set(ss.filter((s) => s.token !== undefined && s.token >= 0).flatMap((s) => [s.start, s.end])));
+  // a token is split alike when every other tokenizer has a token over exactly the same characters
+  const spans = segs.map((ss) => new Set(ss.filter((s) => s.token !== undefined && s.token >= 0).map((s) => `${s.start}-${s.end}`)));
   const table = $("cmp-table");
   table.replaceChildren(el("tr", {}, ...["tokenizer", "kind", "vocabulary", "tokens", "characters per token",
     "split like every other"].map((h) => el("th", { text: h }))));
@@ -561,7 +563,7 @@ function drawCompare(text, chosen, results) {
         line.append(el("span", { class: "uncovered", text: piece, title: "in no token" }));
         continue;
       }
-      const shared = ends.every((set) => set.has(s.start) && set.has(s.end));
+      const shared = spans.every((set) => set.has(`${s.start}-${s.end}`));
       total++;
       if (shared) same++;
       const t = r.tokens[s.token];
@@ -629,11 +631,10 @@ function drawContext(data) {
   const kvLine = [[0, 0], [maxLen, maxLen * kv.bytes_per_token]];
   const vlines = [{ x: maxLen, label: `max context ${maxLen}`, cls: "max" }];
   const plots = [lineChart({ id: "ctx-kv-plot", title: "KV cache per request", xLabel: "context length (tokens)",
-    yLabel: "bytes", series: [{ name: "KV bytes", points: cal ? [[0, 0], ...cal.points.map((p) => [p.context_len, p.kv_bytes]),
-      ...kvLine.slice(1)] : kvLine, markers: !!cal }], xMax: maxLen * 1.02, vlines, fmtX: fmtTokens, fmtY: fmtBytes,
+    yLabel: "bytes", series: [{ name: "KV bytes = tokens × bytes per token", points: kvLine }], xMax: maxLen * 1.02, vlines, fmtX: fmtTokens, fmtY: fmtBytes,
     yUnit: maxLen * kv.bytes_per_token > 2 ** 20 ? 2 ** 20 : 1024 })];
   if (cal) {
-    const xMax = Math.max(maxLen, cal.max_context_len) * 1.02;
+    const xMax = cal.max_context_len * 1.05;  // the measured range (the max context is marked when inside it)
     const pts = cal.points;
     plots.push(lineChart({ id: "ctx-prefill-plot", title: "Prefill time (measured)", xLabel: "prompt length (tokens)",
       yLabel: "ms", series: [{ name: "prefill", points: pts.map((p) => [p.context_len, 1000 * p.prefill_s]), markers: true }],
