@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 from pathlib import Path
 
 import pytest
 
-from tokenmill.bench.dataset import PROSE_PATH, load_jsonl_prompts, synthetic_prompts
+from tokenmill.bench.dataset import PROSE_PATH, BenchPrompt, load_jsonl_prompts, synthetic_prompts
 from tokenmill.bench.metrics import RequestRecord, summarize
 from tokenmill.bench.offline import parse_concurrency
 from tokenmill.bench.report import dumps, format_sweep, format_table, plot, to_json
@@ -201,6 +202,38 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
         width, height = _png_size(path)
         assert width > 400 and height > 200
         assert matplotlib.image.imread(path).shape[:2] == (height, width)
+
+
+def test_plot_title_names_the_run_and_throughput_bars_carry_their_numbers() -> None:
+    import matplotlib.pyplot as plt
+
+    from tokenmill.bench.main import add_bench_arguments, plot_title
+    from tokenmill.bench.report import figure
+    from tokenmill.cli import add_engine_arguments
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--quantization", "int4", "--input-len", "64", "--output-len", "32"])
+    title = plot_title(args, [1, 8])
+    assert title == ("smollm2-135m-instruct | quantization int4, auto | concurrency 1, 8 | "
+                     "input 64 / output 32 tokens | 32 requests")
+    ours, theirs = fake_result("tokenmill", None, 0.05), fake_result("transformers", None, 0.1)
+    fig = figure([ours], [theirs], title=title)
+    assert fig.get_suptitle() == title
+    assert [t.get_text() for t in fig.axes[1].texts] == [f"{r.output_throughput:.1f}" for r in (ours, theirs)]
+    plt.close(fig)
+
+
+def test_progress_moves_with_tokens() -> None:
+    from tokenmill.bench.progress import TokenProgress
+
+    prompts = [BenchPrompt(text="", token_ids=[1], output_len=n) for n in (5, 7)]
+    progress = TokenProgress(prompts, "bench")  # draws on stderr (captured)
+    progress.add_tokens(3)
+    progress.add_tokens(0)
+    progress.request_done()
+    assert (progress.bar.n, progress.bar.total, progress.num_done) == (3, 12, 1)
 
 
 def test_sse_lines_fill_the_record() -> None:

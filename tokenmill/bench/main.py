@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from tokenmill.bench.dataset import BenchPrompt, load_jsonl_prompts, synthetic_prompts
@@ -43,6 +44,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="with --url: the model name to request (default: the first of GET /v1/models)")
     g.add_argument("--api-key", default=None, help="with --url: sent as a Bearer token")
     g.add_argument("--timeout", type=float, default=600.0, help="with --url: seconds per request (default 600)")
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain every request's output to this JSON schema (in-process runs)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     g.add_argument("--plot", default=None, metavar="FILE.png", help="write latency and throughput plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,6 +72,8 @@ def _validate(args: argparse.Namespace) -> list[int | None]:
         raise ValueError("--request-rate needs --url (the offline benchmark sends requests as capacity allows)")
     if args.url is not None and args.compare:
         raise ValueError("--compare runs in-process; it cannot be combined with --url")
+    if args.url is not None and args.json_schema:
+        raise ValueError("--json-schema constrains in-process runs; it cannot be combined with --url")
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot must name a .png file, got {args.plot!r}")
     return parse_concurrency(args.concurrency)
@@ -109,9 +114,21 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         print(format_sweep(results, others))
     if args.plot:
-        plot(results, args.plot, others)
+        plot(results, args.plot, others, title=plot_title(args, levels))
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if all(r.failed == 0 for r in results) else 1
+
+
+def plot_title(args: argparse.Namespace, levels: list[int | None]) -> str:
+    """What a plot shows: model, quantization, concurrency, prompt and output lengths, request count."""
+    if args.url is None:
+        model, quantization = args.model, f"quantization {args.quantization}, {args.dtype}"
+    else:
+        model, quantization = args.served_model_name or args.model, f"served by {args.url}"
+    lengths = f"dataset {Path(args.dataset).name}" if args.dataset else \
+        f"input {args.input_len} / output {args.output_len} tokens"
+    concurrency = ", ".join(str(c or "all") for c in levels)
+    return f"{model} | {quantization} | concurrency {concurrency} | {lengths} | {args.num_prompts} requests"
 
 
 def _run_offline(args: argparse.Namespace,
@@ -123,7 +140,11 @@ def _run_offline(args: argparse.Namespace,
     engine = LLMEngine(engine_config_from_args(args))
     prompt_sets = [build_prompts(args, engine.tokenizer, i) for i in range(len(levels))]
     progress = not args.no_progress
-    results = [run_offline(engine, prompts, c, progress=progress, warmup=args.warmup)
+    constraint = None
+    if args.json_schema:
+        from tokenmill.cli import structured_outputs_from_args
+        constraint = structured_outputs_from_args(args)
+    results = [run_offline(engine, prompts, c, progress=progress, warmup=args.warmup, structured_outputs=constraint)
                for prompts, c in zip(prompt_sets, levels, strict=True)]
     if not args.compare:
         return results, None

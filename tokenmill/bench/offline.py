@@ -12,25 +12,28 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from tokenmill.bench.dataset import BenchPrompt
 from tokenmill.bench.metrics import BenchResult, RequestRecord, SpecDecodeStats, summarize
-from tokenmill.engine.kv_cache import bytes_per_block
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.bench.progress import TokenProgress
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from tokenmill.engine.llm_engine import LLMEngine
 
 
-def bench_params(output_len: int) -> SamplingParams:
-    """Greedy decoding of exactly ``output_len`` tokens: EOS is ignored so every run does the same work."""
-    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+def bench_params(output_len: int, structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+    """Greedy decoding of exactly ``output_len`` tokens: EOS is ignored so every run does the same work
+    (with a structured-output constraint: until its document is complete, at most ``output_len``)."""
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0,
+                          structured_outputs=structured_outputs)
 
 
 def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int | None = None,
-                progress: bool = True, warmup: int = 1) -> BenchResult:
-    """Run ``prompts`` through ``engine`` with at most ``concurrency`` in flight (None: all at once)."""
+                progress: bool = True, warmup: int = 1,
+                structured_outputs: StructuredOutputsParams | None = None) -> BenchResult:
+    """Run ``prompts`` through ``engine`` with at most ``concurrency`` in flight (None: all at once),
+    every request constrained by ``structured_outputs`` when given."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if warmup:
@@ -42,14 +45,14 @@ def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int 
     pending = deque(enumerate(prompts))
     in_flight: dict[str, RequestRecord] = {}
     records: list[RequestRecord] = []
-    bar = tqdm(total=len(prompts), desc=f"bench c={concurrency or 'all'}", disable=not progress, leave=False)
+    bar = TokenProgress(prompts, f"bench c={concurrency or 'all'}", progress)
     start = time.perf_counter()
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             i, prompt = pending.popleft()
             now = time.perf_counter()
             record = RequestRecord(prompt_tokens=len(prompt.token_ids), start_time=now)
-            request_id = engine.add_request(prompt.token_ids, bench_params(prompt.output_len),
+            request_id = engine.add_request(prompt.token_ids, bench_params(prompt.output_len, structured_outputs),
                                             request_id=f"bench-{i}", arrival_time=now)
             in_flight[request_id] = record
             records.append(record)
@@ -71,14 +74,16 @@ def _spec_decode(engine: LLMEngine, before: Any) -> SpecDecodeStats | None:
                               after.spec_decode_accepted_tokens_total - before.spec_decode_accepted_tokens_total)
 
 
-def _step(engine: LLMEngine, in_flight: dict[str, RequestRecord], bar: tqdm) -> None:
+def _step(engine: LLMEngine, in_flight: dict[str, RequestRecord], bar: TokenProgress) -> None:
     outputs = engine.step()
     now = time.perf_counter()
     for out in outputs:
         record = in_flight.get(out.request_id)
         if record is None:
             continue
-        record.add_chunk(now, sum(len(c.delta_token_ids) for c in out.outputs))
+        new_tokens = sum(len(c.delta_token_ids) for c in out.outputs)
+        record.add_chunk(now, new_tokens)
+        bar.add_tokens(new_tokens)
         if out.finished:
             record.end_time = now
             record.cached_tokens = out.num_cached_tokens
@@ -86,7 +91,7 @@ def _step(engine: LLMEngine, in_flight: dict[str, RequestRecord], bar: tqdm) -> 
             if reason == "abort":
                 record.error = "aborted by the engine"
             del in_flight[out.request_id]
-            bar.update(1)
+            bar.request_done()
 
 
 def _warm_up(engine: LLMEngine, prompts: list[BenchPrompt]) -> None:
@@ -98,11 +103,13 @@ def _warm_up(engine: LLMEngine, prompts: list[BenchPrompt]) -> None:
 
 
 def kv_cache_info(engine: LLMEngine) -> dict[str, Any]:
-    """Size of the engine's paged KV cache: blocks, tokens it can hold, and MiB."""
-    blocks = engine.stats().kv_blocks_total
-    block_size = engine.info.block_size
-    size = blocks * bytes_per_block(engine.info.model_config, block_size, engine.info.dtype)
-    return {"blocks": blocks, "block_size": block_size, "tokens": blocks * block_size, "size_mb": size / 2**20}
+    """The engine's paged KV cache: element type, bytes per token, blocks, tokens it holds, MiB, and how
+    many requests of the full context length (``max_model_len``) fit at once."""
+    info = engine.info
+    return {"dtype": str(info.kv_cache_dtype).removeprefix("torch."), "bytes_per_token": info.kv_bytes_per_token,
+            "blocks": info.num_blocks, "block_size": info.block_size, "tokens": info.kv_cache_tokens,
+            "size_mb": info.kv_cache_bytes / 2**20, "max_model_len": info.max_model_len,
+            "max_len_requests_fit": info.kv_cache_tokens // info.max_model_len}
 
 
 def _reset_gpu_peak(device: torch.device) -> None:

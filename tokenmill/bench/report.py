@@ -65,7 +65,10 @@ def _header(result: BenchResult) -> list[str]:
     if result.kv_cache:
         kv = result.kv_cache
         size = f", {kv['size_mb']:.1f} MiB" if "size_mb" in kv else ""
-        lines.append(f"KV cache: {kv['tokens']} tokens ({kv['blocks']} blocks of {kv['block_size']}){size}")
+        kind = f"{kv['dtype']}, {kv['bytes_per_token']} bytes/token, " if "bytes_per_token" in kv else ""
+        fit = (f"; {kv['max_len_requests_fit']} concurrent request(s) of {kv['max_model_len']} tokens fit"
+               if "max_len_requests_fit" in kv else "")
+        lines.append(f"KV cache: {kind}{kv['tokens']} tokens ({kv['blocks']} blocks of {kv['block_size']}){size}{fit}")
     if result.cached_input_tokens is not None:
         lines.append(f"prefix cache: {result.cached_input_tokens} of {result.total_input_tokens} input tokens "
                      f"cached ({_pct(result.prefix_cache_hit_rate)}%)")
@@ -147,9 +150,20 @@ def dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2)
 
 
-def plot(results: list[BenchResult], path: str | Path, others: list[BenchResult] | None = None) -> None:
+def plot(results: list[BenchResult], path: str | Path, others: list[BenchResult] | None = None,
+         title: str | None = None) -> None:
     """Write a PNG: latency percentiles and throughput for one run, or throughput and TPOT
-    against concurrency for a sweep. ``others`` (transformers) are drawn alongside."""
+    against concurrency for a sweep. ``others`` (transformers) are drawn alongside; ``title``
+    (what was measured: model, quantization, concurrency, lengths) heads the figure."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, others, title)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def figure(results: list[BenchResult], others: list[BenchResult] | None = None, title: str | None = None) -> Any:
+    """The matplotlib Figure that ``plot`` writes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,9 +174,10 @@ def plot(results: list[BenchResult], path: str | Path, others: list[BenchResult]
         _plot_single(left, right, results[0], others[0] if others else None)
     else:
         _plot_sweep(left, right, results, others)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _plot_single(left: Any, right: Any, result: BenchResult, other: BenchResult | None) -> None:
@@ -183,7 +198,8 @@ def _plot_single(left: Any, right: Any, result: BenchResult, other: BenchResult 
     left.set_title("latency percentiles")
     left.legend(fontsize=7)
     labels = [run.backend for run in runs]
-    right.bar(labels, [run.output_throughput for run in runs], color=["tab:blue", "tab:orange"][:len(runs)])
+    bars = right.bar(labels, [run.output_throughput for run in runs], color=["tab:blue", "tab:orange"][:len(runs)])
+    right.bar_label(bars, fmt="%.1f")
     right.set_ylabel("output tokens/s")
     right.set_title(f"throughput (concurrency {result.concurrency or 'all'})")
 
@@ -194,6 +210,9 @@ def _plot_sweep(left: Any, right: Any, results: list[BenchResult], others: list[
     for runs, color in zip([results] + ([others] if others else []), ("tab:blue", "tab:orange"), strict=False):
         name = runs[0].backend
         left.plot(levels, [r.output_throughput for r in runs], marker="o", color=color, label=name)
+        for level, run in zip(levels, runs, strict=False):  # each point's value, as on the single run's bars
+            left.annotate(f"{run.output_throughput:.1f}", (level, run.output_throughput), textcoords="offset points",
+                          xytext=(0, 6), ha="center", fontsize=7, color=color)
         right.plot(levels, [(r.tpot_s.p50 or 0.0) * 1000 for r in runs], marker="o", color=color, label=f"{name} p50")
         right.plot(levels, [(r.tpot_s.p90 or 0.0) * 1000 for r in runs], marker="x", linestyle="--", color=color,
                    label=f"{name} p90")

@@ -20,10 +20,10 @@ import time
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
 from tokenmill.bench.dataset import BenchPrompt
 from tokenmill.bench.metrics import BenchResult, RequestRecord, SpecDecodeStats, summarize
+from tokenmill.bench.progress import TokenProgress
 
 
 async def fetch_model_name(client: httpx.AsyncClient, base_url: str) -> str:
@@ -63,14 +63,14 @@ async def run_serving(base_url: str, prompts: list[BenchPrompt], *, model: str |
         model = model or await fetch_model_name(client, base_url)
         spec_before = await fetch_spec_counters(client, base_url)
         slots = asyncio.Semaphore(concurrency or len(prompts) or 1)
-        bar = tqdm(total=len(prompts), desc=f"bench {base_url}", disable=not progress, leave=False)
+        bar = TokenProgress(prompts, f"bench {base_url}", progress)
         start = time.perf_counter()
 
         async def one(prompt: BenchPrompt, delay: float) -> RequestRecord:
             await asyncio.sleep(delay)
             async with slots:
-                record = await _send(client, base_url, model, prompt)
-            bar.update(1)
+                record = await _send(client, base_url, model, prompt, bar)
+            bar.request_done()
             return record
 
         delays = arrival_delays(len(prompts), request_rate, seed)
@@ -119,7 +119,8 @@ def completion_body(model: str, prompt: BenchPrompt) -> dict[str, Any]:
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def _send(client: httpx.AsyncClient, base_url: str, model: str, prompt: BenchPrompt) -> RequestRecord:
+async def _send(client: httpx.AsyncClient, base_url: str, model: str, prompt: BenchPrompt,
+                bar: TokenProgress | None = None) -> RequestRecord:
     record = RequestRecord(prompt_tokens=len(prompt.token_ids), start_time=time.perf_counter())
     usage: dict[str, Any] | None = None
     try:
@@ -129,7 +130,10 @@ async def _send(client: httpx.AsyncClient, base_url: str, model: str, prompt: Be
                 record.error = f"HTTP {resp.status_code}: {body[:300]}"
                 return record
             async for line in resp.aiter_lines():
+                before = record.output_tokens
                 usage = _handle_line(line, record) or usage
+                if bar is not None:
+                    bar.add_tokens(record.output_tokens - before)
     except httpx.HTTPError as e:
         record.error = f"{type(e).__name__}: {e}"
         return record
