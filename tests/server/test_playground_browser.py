@@ -213,9 +213,9 @@ def test_compare_view_shows_each_tokenizer_with_its_count(page, serve_url, tmp_p
         # every token is drawn: as a chip, or as a mark when it covers no character of its own (byte pieces)
         assert len(page.query_selector_all(f"#cmp-line-{k} .tok, #cmp-line-{k} .mark")) == counts[k]
         assert page.query_selector_all(f"#cmp-line-{k} .tok.differs")  # the two vocabularies split words apart
-    page.fill("#cmp-text", "Hello world")
-    page.wait_for_function("document.querySelector('#cmp-count-0').dataset.count === '2'")
     _shot(page, tmp_path, "compare")
+    page.fill("#cmp-text", "Hello world")  # typing compares again
+    page.wait_for_function("document.querySelector('#cmp-count-0').dataset.count === '2'")
 
 
 def test_context_view_plots_measured_points_and_kv_bytes_per_token(page, default_model_path, tmp_path):
