@@ -48,8 +48,9 @@ def model_dir(tiny_hf_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(model_dir) -> Iterator[RunningServer]:
+    # 32-token chunks: a long prompt's logprobs come from several prefill steps
     config = EngineConfig(model=str(model_dir), max_model_len=512, max_num_seqs=8, kv_cache_memory_gb=0.05,
-                          seed=0, dtype="float32", quantization="none")
+                          max_num_batched_tokens=32, seed=0, dtype="float32", quantization="none")
     running = wait_until_ready(serve_in_thread(create_app(config, served_model_names=["tiny", "tiny-alias"])))
     yield running
     running.stop()
@@ -203,13 +204,16 @@ def _reference_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
 
 
 def test_echo_with_logprobs_scores_the_prompt_like_transformers(tiny, client, model_dir):
-    ids = tiny.engine.info.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    """Across prefill chunks, and although the prompt's blocks are in the prefix cache."""
+    ids = tiny.engine.info.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    assert len(ids) > 64
+    client.completions.create(model="tiny", prompt=ids, max_tokens=1)  # fills the prefix cache
     r = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=2, max_tokens=0)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and r.usage.completion_tokens == 0
     assert r.choices[0].text == tiny.engine.info.tokenizer.decode(ids)
     expected = _reference_logprobs(model_dir, ids)
-    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4)
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-3)  # float32, other kernels
     assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
     one = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=1, max_tokens=1)
     assert len(one.choices[0].logprobs.tokens) == len(ids) + 1
