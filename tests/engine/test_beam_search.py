@@ -45,6 +45,7 @@ def load_hf(folder: Path):
 
 def make_llm(folder: Path, **kw) -> LLM:
     kw.setdefault("kv_cache_memory_gb", 0.05)
+    kw.setdefault("kv_cache_dtype", "float32")  # compared with transformers in float32
     kw.setdefault("threads", 1)  # tiny matmuls: more threads only fight over the shared cores
     return LLM(model=str(folder), **kw)
 
@@ -194,7 +195,8 @@ def test_golden_default_model(default_model_path):
     golden = json.loads(GOLDEN.read_text())
     # Dequantized to float32 like transformers does: with the Q4_1 weights kept packed, the kernels' different
     # rounding (scores off by ~2e-3) flips near-tied candidates of a 49152-token vocabulary.
-    llm = LLM(model=str(default_model_path), kv_cache_memory_gb=0.1, dtype="float32", quantization="none")
+    llm = LLM(model=str(default_model_path), kv_cache_memory_gb=0.1, dtype="float32", quantization="none",
+              kv_cache_dtype="float32")
     for case in golden["cases"]:
         params = SamplingParams(num_beams=case["num_beams"], n=case["n"], length_penalty=case["length_penalty"],
                                 early_stopping=case["early_stopping"], max_tokens=case["max_tokens"])

@@ -12,7 +12,7 @@ GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "golden_greedy.json").
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.25)
+    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.25, kv_cache_dtype="float32")
 
 
 def test_greedy_batch_is_token_identical_to_transformers(llm):

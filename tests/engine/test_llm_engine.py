@@ -18,6 +18,7 @@ def tiny_path(tiny_hf_model):
 
 def make_llm(path: str, **kw) -> LLM:
     kw.setdefault("kv_cache_memory_gb", 0.05)
+    kw.setdefault("kv_cache_dtype", "float32")  # logprobs compared to 1e-4
     return LLM(model=path, **kw)
 
 

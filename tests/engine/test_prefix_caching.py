@@ -14,12 +14,13 @@ PROMPTS = [c["prompt_token_ids"] for c in GOLDEN["cases"]]
 
 @pytest.fixture(scope="module")
 def cached():
-    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1)
+    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, kv_cache_dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def uncached():
-    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, enable_prefix_caching=False)
+    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, enable_prefix_caching=False,
+               kv_cache_dtype="float32")
 
 
 def completions(outs):
@@ -117,7 +118,7 @@ def test_stop_string_ends_the_request_in_the_core_the_step_it_appears(cached):
 
 def test_eviction_with_a_small_cache_many_prefixes(tiny_hf_model):
     llm = LLM(str(tiny_hf_model()), dtype="float32", kv_cache_memory_gb=40 * 16 * 2 * 2 * 2 * 16 * 4 / 2**30,
-              max_model_len=256)
+              max_model_len=256, kv_cache_dtype="float32")
     engine = llm.engine
     assert engine.info.num_blocks == 40
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -50,7 +50,8 @@ def _generate(llm: LLM) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def float_llm():
-    llm = LLM(model=GEMMA3_270M, quantization="none", dtype="float32", max_model_len=1024, kv_cache_memory_gb=0.1)
+    llm = LLM(model=GEMMA3_270M, quantization="none", dtype="float32", max_model_len=1024, kv_cache_memory_gb=0.1,
+              kv_cache_dtype="float32")
     return llm
 
 

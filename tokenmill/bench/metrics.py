@@ -145,7 +145,7 @@ class BenchResult:
     total_throughput: float
     peak_rss_mb: float
     peak_gpu_memory_mb: float | None = None
-    kv_cache: dict[str, Any] | None = None  # tokens, blocks, block_size, size_mb (engine backends)
+    kv_cache: dict[str, Any] | None = None  # dtype, bytes_per_token, tokens, blocks, block_size, size_mb, ... (engine backends)
     cached_input_tokens: int | None = None  # of total_input_tokens, served from the prefix cache
     prefix_cache_hit_rate: float | None = None  # cached_input_tokens / total_input_tokens
     spec_decode: SpecDecodeStats | None = None  # when the engine speculated (and reports it)

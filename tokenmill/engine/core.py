@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.engine.kv_cache import KVCacheTensors, bytes_per_block, num_blocks_for_budget
+from tokenmill.engine.kv_cache import (
+    KVCacheTensors,
+    bytes_per_token,
+    describe_kv_cache,
+    num_blocks_for_budget,
+    release_freed_heap,
+    resolve_kv_cache_dtype,
+)
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.request import Request
@@ -46,6 +53,12 @@ class EngineInfo:
     block_size: int
     num_blocks: int
     kv_cache_bytes: int
+    kv_cache_dtype: torch.dtype = torch.float32  # the cache's element type (--kv-cache-dtype resolved)
+    kv_bytes_per_token: int = 0  # KV bytes one token takes (int8: codes and scales)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 @dataclass
@@ -68,6 +81,8 @@ class EngineStats:
     spec_decode_drafts_total: int = 0  # sequence-steps verified with draft tokens (speculative decoding)
     spec_decode_draft_tokens_total: int = 0  # draft tokens verified
     spec_decode_accepted_tokens_total: int = 0  # of those, accepted
+    kv_cache_bytes: int = 0  # bytes of the KV cache tensors (fixed at start-up)
+    kv_cache_tokens: int = 0  # tokens the KV cache holds (blocks x block size)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -110,20 +125,23 @@ class EngineCore:
         loaded = load_model(config, dtype, device)
         max_model_len = _max_model_len(config, loaded.config, loaded.model)
         eos = sorted(set(loaded.config.eos_token_ids) | set(loaded.tokenizer.eos_token_ids))
-        num_blocks = num_blocks_for_budget(loaded.config, config.block_size, dtype, device, config.kv_cache_memory_gb)
-        cache_bytes = num_blocks * bytes_per_block(loaded.config, config.block_size, dtype)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB; prefix caching %s", num_blocks,
-                    config.block_size, num_blocks * config.block_size, cache_bytes / 2**20,
-                    "on" if config.enable_prefix_caching else "off")
+        kv_dtype, why = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
+        num_blocks = num_blocks_for_budget(loaded.config, config.block_size, kv_dtype, device,
+                                           config.kv_cache_memory_gb)
+        per_token = bytes_per_token(loaded.config, kv_dtype)
         self.info = EngineInfo(loaded.name, loaded.tokenizer, loaded.config, config, max_model_len, eos, dtype,
-                               device, config.block_size, num_blocks, cache_bytes)
+                               device, config.block_size, num_blocks, num_blocks * config.block_size * per_token,
+                               kv_dtype, per_token)
+        logger.info("%s (%s); prefix caching %s", describe_kv_cache(self.info), why,
+                    "on" if config.enable_prefix_caching else "off")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        cache = KVCacheTensors(loaded.config, num_blocks, config.block_size, dtype, device)
+        cache = KVCacheTensors(loaded.config, num_blocks, config.block_size, kv_dtype, device)
         self.runner = ModelRunner(loaded.model, cache, device, loaded.config.vocab_size, eos,
                                   compile_decode=config.compile)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, eos,
                                    max_model_len, loaded.tokenizer, config.speculative_config)
         self.proposer = build_proposer(config, loaded, num_blocks, dtype, device)
+        release_freed_heap()  # loading's temporaries (dequantized copies, packing buffers) are garbage now
         self._cond = threading.Condition()  # the one lock: guards the inbox
         self._inbox: list[Request | _Abort] = []
         self._ids_in_inbox: set[str] = set()
@@ -187,7 +205,8 @@ class EngineCore:
             prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
             kv_blocks_cached_free=kv.num_cached_free_blocks, requests_received_total=self._num_received,
             spec_decode_drafts_total=c.spec_drafts, spec_decode_draft_tokens_total=c.spec_draft_tokens,
-            spec_decode_accepted_tokens_total=c.spec_accepted_tokens)
+            spec_decode_accepted_tokens_total=c.spec_accepted_tokens,
+            kv_cache_bytes=self.info.kv_cache_bytes, kv_cache_tokens=self.info.kv_cache_tokens)
 
     # ---- the stepping thread ----------------------------------------------------------------
 

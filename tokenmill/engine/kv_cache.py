@@ -1,25 +1,33 @@
-"""The paged KV cache's memory: fixed-size blocks in preallocated tensors, and how many fit.
+"""The paged KV cache's memory: fixed-size blocks in preallocated tensors, its element type, and how many fit.
 
 A sequence's K/V live in the blocks of its block table; token i sits in block
 ``block_table[i // block_size]`` at offset ``i % block_size``. Which sequence owns which block
-is the KVCacheManager's business (kv_cache_manager.py); this file holds the tensors.
+is the KVCacheManager's business (kv_cache_manager.py); this file holds the tensors, picks their
+type (``--kv-cache-dtype``) and sizes them (``--kv-cache-memory``, else a capped share of free memory).
+See docs/memory.md for the numbers behind the defaults.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.attention import KVCache
+from tokenmill.model.adaptive_linear import cpu_has_native_bf16
+from tokenmill.model.attention import Int8KVCache, KVCache
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_CACHE_FRACTION = 0.25  # of available memory, when --kv-cache-memory is not given
-DEFAULT_CACHE_CAP_BYTES = 1 << 30  # ~23k tokens of the default model in float32
+DEFAULT_CACHE_CAP_BYTES = 512 << 20  # ~23k tokens of the default model in 16 bits (46k in int8)
 DEFAULT_GPU_CACHE_FRACTION = 0.6  # of free GPU memory after the weights are loaded
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -31,16 +39,24 @@ class BlockCopy:
 
 
 class KVCacheTensors:
-    """One (k, v) pair of tensors per layer, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    """One cache per layer: (k, v) [num_blocks * block_size, num_kv_heads, head_dim] in ``dtype``, or for
+    ``torch.int8`` an ``Int8KVCache`` (int8 k, v plus float32 scales [num_slots, num_kv_heads, 2])."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN = NaN.
-        self.layers: list[KVCache] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
-        ]
+        slots, hkv = num_blocks * block_size, config.num_key_value_heads
+        shape = (slots, hkv, config.head_dim)
+
+        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN = NaN.
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        if dtype == torch.int8:
+            self.layers: list[KVCache] = [
+                Int8KVCache(zeros(shape, dtype), zeros(shape, dtype), zeros((slots, hkv, 2), torch.float32))
+                for _ in range(config.num_hidden_layers)]
+        else:
+            self.layers = [(zeros(shape, dtype), zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
         self.block_size = block_size
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
@@ -51,15 +67,39 @@ class KVCacheTensors:
         dst = torch.cat([torch.arange(c.dst * bs, (c.dst + 1) * bs) for c in copies])
         device = self.layers[0][0].device
         src, dst = src.to(device), dst.to(device)
-        for k_cache, v_cache in self.layers:
-            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+        for layer in self.layers:
+            for t in layer:  # k, v (and an int8 cache's scales): all indexed by slot in dim 0
+                t.index_copy_(0, dst, t.index_select(0, src))
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    """The cache's element type for ``--kv-cache-dtype name`` and why (for the start-up log line).
+
+    auto: the model's dtype when it is 16-bit already; else bfloat16 on CUDA and on a CPU with native
+    bf16; else float16 (same bytes; on an AVX2 CPU torch converts float16 rows faster than bfloat16 ones,
+    and its 10-bit mantissa keeps K/V closer to float32). docs/memory.md has the measurements.
+    """
+    if name != "auto":
+        return getattr(torch, name), "set by --kv-cache-dtype"
+    if model_dtype in HALF_DTYPES:
+        return model_dtype, "auto: the model's dtype"
+    if device.type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16, "auto: 16-bit; bfloat16 where the hardware has it"
+    return torch.float16, "auto: 16-bit; float16 as the CPU has no native bfloat16"
+
+
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """KV bytes of one token: 2 (K and V) x layers x kv_heads x head_dim x element size, plus for int8 a
+    float32 scale per layer, K/V and head."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    if dtype == torch.int8:
+        per_token += 2 * config.num_hidden_layers * config.num_key_value_heads * 4
+    return per_token
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
-
+    return block_size * bytes_per_token(config, dtype)
 
 def available_memory_bytes(device: torch.device) -> int:
     """Free memory on the device: CUDA's free bytes, or MemAvailable of /proc/meminfo."""
@@ -90,3 +130,25 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
         raise ValueError(f"kv cache memory {budget} bytes is smaller than one block "
                          f"({bytes_per_block(config, block_size, dtype)} bytes)")
     return num_blocks
+
+
+def describe_kv_cache(info: Any) -> str:
+    """One line about an engine's cache (``EngineInfo``): type, bytes per token, tokens held, size, and how
+    many requests of the full context length fit at once."""
+    fit = info.kv_cache_tokens // info.max_model_len
+    return (f"KV cache: {str(info.kv_cache_dtype).removeprefix('torch.')}, {info.kv_bytes_per_token} bytes/token, "
+            f"{info.kv_cache_tokens} tokens ({info.num_blocks} blocks of {info.block_size}), "
+            f"{info.kv_cache_bytes / 2**20:.1f} MiB; {fit} concurrent request(s) of {info.max_model_len} tokens fit")
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages that loading freed back to the OS (glibc keeps them otherwise): about 80 MiB of
+    resident memory for the default model, measured (docs/memory.md). A no-op off glibc."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(libc).malloc_trim if libc else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -74,6 +74,8 @@ class EngineMetrics:
         self.waiting = Gauge("tokenmill_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
         self.kv_usage = Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).",
                               registry=r)
+        self.kv_bytes = Gauge("tokenmill_kv_cache_bytes", "Bytes of the KV cache tensors.", registry=r)
+        self.kv_tokens = Gauge("tokenmill_kv_cache_tokens", "Tokens the KV cache can hold.", registry=r)
         # Counters are exposed with a "_total" suffix: tokenmill_prompt_tokens_total ...
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated.", registry=r)
@@ -135,6 +137,8 @@ class EngineMetrics:
         self._update(self.running, "set", stats.num_running)
         self._update(self.waiting, "set", stats.num_waiting)
         self._update(self.kv_usage, "set", stats.kv_cache_usage)
+        self.kv_bytes.set(stats.kv_cache_bytes)
+        self.kv_tokens.set(stats.kv_cache_tokens)
         for name, counter in self._total_counters.items():
             new = getattr(stats, name)
             if new > self._last_totals[name]:

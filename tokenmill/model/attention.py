@@ -10,17 +10,70 @@ The backend interface is ``AttentionBackend.forward``; ``TorchSDPABackend`` impl
 for the decodes (faster than SDPA for one query per sequence). It gathers only the slots the batch
 uses (never the whole cache): per decode step and layer that is
 ``2 * batch * padded_context_len * num_kv_heads * head_dim`` elements.
+
+The cache may hold K/V in a narrower type than the model computes in (``--kv-cache-dtype``): a 16-bit
+float cache is cast on write and the gathered rows are cast back; an int8 cache (``Int8KVCache``) stores
+``round(x / s)`` with one float32 scale ``s = max|x| / 127`` per token and head, and the decode folds the
+scales into the attention scores and probabilities instead of dequantizing every gathered row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_slots, Hkv, D]
+
+class Int8KVCache(NamedTuple):
+    """One layer's int8 K/V cache: ``x = code * scale`` per token and head (``quantize_kv``)."""
+
+    k: torch.Tensor  # int8 [num_slots, Hkv, D]
+    v: torch.Tensor  # int8 [num_slots, Hkv, D]
+    scales: torch.Tensor  # float32 [num_slots, Hkv, 2]: K's scale, V's scale (one gather reads both)
+
+
+# (k_cache, v_cache), each [num_slots, Hkv, D] in a float type, or an Int8KVCache
+KVCache = tuple[torch.Tensor, torch.Tensor] | Int8KVCache
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [T, Hkv, D] -> (int8 codes [2, T, Hkv, D], float32 scales [T, Hkv, 2]): symmetric per token and
+    head, ``scale = max|x| / 127`` (an all-zero head gets a tiny scale and zero codes)."""
+    kv = torch.stack((k, v)).float()  # [2, T, Hkv, D]
+    amax = kv.abs().amax(-1).clamp_min_(1e-30)  # [2, T, Hkv]
+    codes = (kv * (127 / amax)[..., None]).round_().to(torch.int8)  # |x| / amax <= 1: no clamp needed
+    return codes, (amax / 127).permute(1, 2, 0)
+
+
+def write_kv(kv_cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the step's k/v [T, Hkv, D] at ``slots`` [T], converted to the cache's type."""
+    if isinstance(kv_cache, Int8KVCache):
+        codes, scales = quantize_kv(k, v)
+        kv_cache.k.index_copy_(0, slots, codes[0])
+        kv_cache.v.index_copy_(0, slots, codes[1])
+        kv_cache.scales.index_copy_(0, slots, scales)
+        return
+    k_cache, v_cache = kv_cache
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def gather_kv(kv_cache: KVCache, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [len(slots), Hkv, D] of the given slots, dequantized to ``dtype``."""
+    if isinstance(kv_cache, Int8KVCache):
+        scales = kv_cache.scales.index_select(0, slots).to(dtype)  # [n, Hkv, 2]
+        return (_convert(kv_cache.k.index_select(0, slots), dtype) * scales[..., 0:1],
+                _convert(kv_cache.v.index_select(0, slots), dtype) * scales[..., 1:2])
+    k_cache, v_cache = kv_cache
+    return _convert(k_cache.index_select(0, slots), dtype), _convert(v_cache.index_select(0, slots), dtype)
+
+
+def _convert(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``. Into a fresh tensor with copy_: on CPU, ``.to()`` from int8 and 16-bit floats to float32
+    took 1.5-3x longer than copy_ (torch 2.13, 52k elements)."""
+    return x if x.dtype == dtype else torch.empty_like(x, dtype=dtype).copy_(x)
 
 
 @dataclass
@@ -182,50 +235,57 @@ class TorchSDPABackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        write_kv(kv_cache, meta.slot_mapping, k, v)
         nd = meta.num_decode_tokens
         if not meta.prefills:  # all decodes: no output buffer to fill piecewise
-            return self._decode(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, kv_cache, meta, scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
         for p in meta.prefills:
             sl = slice(p.query_start, p.query_start + p.query_len)
-            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p, scale)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], kv_cache, p, scale)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # Two batched matmuls rather than SDPA: for one query per sequence, torch's CPU SDPA with a
         # mask and GQA was several times slower (and ~10x in bfloat16 on AVX2).
         bd, h, d = q.shape
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
         hkv = k_cache.shape[1]
         # Gather each decode's context straight into [Bd, Hkv, Kmax, D] (one copy, contiguous
         # batches for the matmuls) by selecting rows of the cache seen as [num_slots * Hkv, D];
         # index_select copies whole rows, ~10x faster on CPU than advanced indexing.
         kmax = meta.decode_gather_index.shape[1]
         rows = meta.decode_rows(hkv)  # [Bd * Hkv * Kmax]
-        keys = k_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
-        values = v_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d).to(q.dtype)
+        keys = _convert(k_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d), q.dtype)
+        values = _convert(v_cache.view(-1, d).index_select(0, rows).view(bd, hkv, kmax, d), q.dtype)
         # GQA: the G = H / Hkv query heads of a group share their K/V head, no repeat needed
         qg = (q * scale).reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Bd, Hkv, G, Kmax]
+        if isinstance(kv_cache, Int8KVCache):
+            # q . (c * s) = (q . c) * s, and sum_j p_j (c_j * s_j) = sum_j (p_j * s_j) c_j: scale the G scores
+            # and probabilities of a key, not its D elements
+            scales = kv_cache.scales.view(-1, 2).index_select(0, rows).to(q.dtype)  # [Bd * Hkv * Kmax, 2]
+            scales = scales.view(bd, hkv, 1, kmax, 2)
+            scores = scores * scales[..., 0]
         scores = scores.masked_fill(meta.decode_padding, float("-inf"))  # [Bd, 1, 1, Kmax]
         probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        if isinstance(kv_cache, Int8KVCache):
+            probs = probs * scales[..., 1]
         return torch.matmul(probs, values).reshape(bd, h, d)  # [Bd, H, D]
 
     @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, p: PrefillSlice, scale: float) -> torch.Tensor:
+    def _prefill(q, k, v, kv_cache: KVCache, p: PrefillSlice, scale: float) -> torch.Tensor:
         qh = q.transpose(0, 1)[None]  # [1, H, q, D]
-        if p.gather_index is None:
+        if p.gather_index is None:  # fresh K/V in the model dtype, not rounded to the cache's type
             keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask,
                                                  is_causal=p.attn_mask is None, scale=scale, enable_gqa=True)
         else:
-            keys = k_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)
-            values = v_cache.index_select(0, p.gather_index).transpose(0, 1)[None].to(q.dtype)
-            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask, scale=scale,
-                                                 enable_gqa=True)
+            keys, values = gather_kv(kv_cache, p.gather_index, q.dtype)  # [context + q, Hkv, D] each
+            out = F.scaled_dot_product_attention(qh, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                                 attn_mask=p.attn_mask, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)  # [q, H, D]
+
