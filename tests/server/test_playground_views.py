@@ -188,6 +188,8 @@ def test_live_counts_running_requests_tokens_per_second_and_latencies(views_serv
     history = last["history"]
     assert all(b["t"] - a["t"] >= 0.5 for a, b in zip(history, history[1:], strict=False))
     assert max(p["tokens_per_s"] or 0 for p in history) > 0
+    newer = get(views_server, "/v1/playground/live", since=history[-2]["t"]).json()["history"]
+    assert newer[0] == history[-1] and len(newer) <= 2  # a poller gets only what is new
     assert last["current"]["ttft_p50"] is not None and last["current"]["tpot_p90"] >= last["current"]["tpot_p50"] > 0
     assert last["current"]["finished_in_window"] >= 4
 

@@ -2,7 +2,8 @@
 
 Each call reads the engine's stats (the core process sends them after every step) and the
 server's latency histograms (the ones /metrics exports), records a sample when the last one is at
-least MIN_INTERVAL_S old, and returns the current values with the samples of the last HISTORY_S.
+least MIN_INTERVAL_S old (its rates and percentiles computed then, once), and returns the current
+values with the points of the last HISTORY_S (``since``: only the newer ones, for a poller).
 So the history grows while someone watches (the page polls every second); rates and percentiles
 between two samples further apart are averages over the gap. Nothing runs in the background.
 
@@ -76,10 +77,26 @@ def quantile(q: float, bounds: list[float], counts: list[float]) -> float | None
 
 
 class LiveHistory:
-    """Samples per served model, the last HISTORY_S of them."""
+    """Per served model, the samples of the last HISTORY_S, each with its point (computed once, when taken)."""
 
     def __init__(self) -> None:
-        self.samples: dict[str, deque[Sample]] = {}
+        self.samples: dict[str, deque[tuple[Sample, dict[str, Any]]]] = {}
+
+    def record(self, name: str, sample: Sample, metrics: Any) -> None:
+        """Keep ``sample`` if the last one is at least MIN_INTERVAL_S old; drop the ones past HISTORY_S."""
+        samples = self.samples.setdefault(name, deque())
+        if samples and sample.t - samples[-1][0].t < MIN_INTERVAL_S:
+            return
+        previous = samples[-1][0] if samples else None
+        # percentiles since the last sample at least WINDOW_S older (a shorter history: since the oldest)
+        base = samples[0][0] if samples else None
+        for old, _ in samples:
+            if old.t > sample.t - WINDOW_S:
+                break
+            base = old
+        samples.append((sample, point(sample, previous, base, metrics)))
+        while sample.t - samples[0][0].t > HISTORY_S:
+            samples.popleft()
 
 
 def history(request: Request) -> LiveHistory:
@@ -101,21 +118,20 @@ def take_sample(engine: Any, metrics: Any) -> Sample:
 
 
 @router.get("/v1/playground/live")
-async def live(request: Request, model: str | None = Query(None)) -> dict[str, Any]:
+async def live(request: Request, model: str | None = Query(None),
+               since: float | None = Query(None, description="only history points after this unix time")
+               ) -> dict[str, Any]:
     """Current engine values and their history (see the module docstring)."""
     state = get_state(request)
     state.check_model(model)
     engine, name = state.ready_engine(model), state.served_name(model)
-    samples = history(request).samples.setdefault(name, deque())
     now = take_sample(engine, state.metrics)
-    if not samples or now.t - samples[-1].t >= MIN_INTERVAL_S:
-        samples.append(now)
-    while samples and now.t - samples[0].t > HISTORY_S:
-        samples.popleft()
-    points = series(list(samples), state.metrics)
-    current = {**points[-1], **_gauges(now)} if points else _gauges(now)
+    store = history(request)
+    store.record(name, now, state.metrics)
+    samples = store.samples[name]
+    points = [p for _, p in samples if since is None or p["t"] > since]
     return {"model": name, "now": now.t, "window_s": WINDOW_S, "history_s": HISTORY_S,
-            "block_size": engine.info.block_size, "current": current, "history": points}
+            "block_size": engine.info.block_size, "current": {**samples[-1][1], **_gauges(now)}, "history": points}
 
 
 def _gauges(s: Sample) -> dict[str, Any]:
@@ -124,30 +140,18 @@ def _gauges(s: Sample) -> dict[str, Any]:
             "prefix_cache_hit_rate": s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else None}
 
 
-def series(samples: list[Sample], metrics: Any) -> list[dict[str, Any]]:
-    """One point per sample: its gauges, tokens/s since the sample before, percentiles over WINDOW_S."""
-    ttft_bounds, _ = bucket_counts(metrics.ttft)
-    tpot_bounds, _ = bucket_counts(metrics.tpot)
-    points = []
-    start = 0  # the sample just before the window of sample i
-    for i, s in enumerate(samples):
-        while start + 1 < i and samples[start + 1].t <= s.t - WINDOW_S:
-            start += 1
-        point = _gauges(s)
-        if i == 0:
-            point.update(tokens_per_s=None, prompt_tokens_per_s=None, finished_in_window=None)
-            point.update({f"{k}_p{round(q * 100)}": None for k in ("ttft", "tpot") for q in QUANTILES})
-            points.append(point)
-            continue
-        prev, base = samples[i - 1], samples[start]
-        dt = s.t - prev.t
-        point["tokens_per_s"] = (s.generation_tokens - prev.generation_tokens) / dt
-        point["prompt_tokens_per_s"] = (s.prompt_tokens - prev.prompt_tokens) / dt
-        for key, bounds, now, then in (("ttft", ttft_bounds, s.ttft, base.ttft), ("tpot", tpot_bounds, s.tpot, base.tpot)):
-            delta = [a - b for a, b in zip(now, then, strict=True)]
-            for q in QUANTILES:
-                point[f"{key}_p{round(q * 100)}"] = quantile(q, bounds, delta)
-            if key == "ttft":
-                point["finished_in_window"] = delta[-1]
-        points.append(point)
-    return points
+def point(s: Sample, previous: Sample | None, base: Sample | None, metrics: Any) -> dict[str, Any]:
+    """A sample's gauges, tokens/s since ``previous`` and the latency percentiles since ``base``."""
+    out = _gauges(s)
+    dt = s.t - previous.t if previous is not None else 0.0
+    out["tokens_per_s"] = (s.generation_tokens - previous.generation_tokens) / dt if dt else None
+    out["prompt_tokens_per_s"] = (s.prompt_tokens - previous.prompt_tokens) / dt if dt else None
+    out["finished_in_window"] = None
+    for key, now, then in (("ttft", s.ttft, base.ttft if base else None), ("tpot", s.tpot, base.tpot if base else None)):
+        bounds, _ = bucket_counts(getattr(metrics, key))
+        delta = [a - b for a, b in zip(now, then, strict=True)] if then is not None else None
+        for q in QUANTILES:
+            out[f"{key}_p{round(q * 100)}"] = quantile(q, bounds, delta) if delta else None
+        if key == "ttft" and delta:
+            out["finished_in_window"] = delta[-1]
+    return out

@@ -21,15 +21,24 @@ function stopLive() {
 }
 
 let livePolling = false;
+let liveHistory = [];  // the points seen so far (the server sends the new ones each time)
+let liveModel = null;
 
 async function pollLive() {
   if (livePolling) return;  // a slow answer: skip a beat rather than pile up requests
   livePolling = true;
   try {
     const model = $("model-select").value;
-    const resp = await fetch("/v1/playground/live" + (model ? "?model=" + encodeURIComponent(model) : ""), { headers: headers() });
+    if (model !== liveModel) liveHistory = [];  // another model: its own history
+    liveModel = model;
+    const query = new URLSearchParams();
+    if (model) query.set("model", model);
+    if (liveHistory.length) query.set("since", String(liveHistory[liveHistory.length - 1].t));  // only what is new
+    const resp = await fetch("/v1/playground/live?" + query, { headers: headers() });
     if (!resp.ok) throw new Error(await errorMessage(resp));
-    drawLive(await resp.json());
+    const data = await resp.json();
+    liveHistory = liveHistory.concat(data.history).filter((p) => p.t >= data.now - data.history_s);
+    drawLive({ ...data, history: liveHistory });
     $("live-error").textContent = "";
   } catch (e) {
     $("live-error").textContent = String(e.message || e);
