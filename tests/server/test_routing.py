@@ -43,8 +43,10 @@ def test_prefix_goes_to_its_replica_until_it_is_overloaded():
     affinity.record(turn1, "r1")
     affinity.record(other, "r2")
     assert affinity.owner(turn2) == ("r1", 2)
-    assert affinity.rank(turn2, {"r1": 3, "r2": 1}) == [["r1"], ["r2"]]  # 2 longer: still its replica
-    assert affinity.rank(turn2, {"r1": 4, "r2": 1}) == [["r2", "r1"]]  # 3 longer: the least-loaded decides
+    assert affinity.rank(turn1, {"r1": 3, "r2": 1}) == [["r1"], ["r2"]]  # all cached there, 2 longer: still r1
+    assert affinity.rank(turn1, {"r1": 4, "r2": 1}) == [["r2", "r1"]]  # 3 longer: the least-loaded decides
+    assert affinity.rank(turn2, {"r1": 1, "r2": 1}) == [["r1"], ["r2"]]  # 2 of 5 blocks there: a tie goes to r1
+    assert affinity.rank(turn2, {"r1": 2, "r2": 1}) == [["r2", "r1"]]  # ... but not 1 more (allowed 2 x 2/5)
     assert affinity.rank(turn2, {"r2": 0}) == [["r2"]]  # its replica is gone
     assert sorted(affinity.rank([], {"r1": 0, "r2": 0})[0]) == ["r1", "r2"]  # no key: one group, by load
     affinity.record(turn2, "r2")  # the longest known prefix decides

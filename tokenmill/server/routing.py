@@ -5,7 +5,8 @@ files blocks under (``engine/kv_cache_manager.hash_block``): two prompts share a
 hashes exactly when a replica could reuse the cached KV of that run for both. ``PrefixAffinity``
 remembers which replica last ran each block hash; a prompt goes to the replica that ran its longest
 known prefix while that replica is not overloaded (its queue at most ``imbalance`` requests longer
-than the shortest one), otherwise to the least-loaded replica. So the turns of one conversation
+than the shortest one, scaled by the share of the prompt it holds), otherwise to the least-loaded
+replica. So the turns of one conversation
 land on the replica that holds the conversation in its cache, and a hot prefix spills over to
 other replicas instead of queueing behind itself.
 
@@ -66,7 +67,8 @@ class PrefixAffinity:
     of replicas for a prompt.
 
     imbalance: the prefix's replica is passed over once its queue is this many requests longer than the
-    shortest queue. table_size: most block hashes remembered.
+    shortest queue (for a prompt it holds whole; proportionally less for a partial match). table_size:
+    most block hashes remembered.
     """
 
     def __init__(self, imbalance: int, table_size: int = DEFAULT_TABLE_SIZE) -> None:
@@ -109,16 +111,20 @@ class PrefixAffinity:
         """Replicas in order of preference for a prompt, as groups (the router takes the least-loaded
         replica with room from the first group that has one).
 
-        loads: replica -> requests queued or running on it. The prefix's replica comes first, alone,
-        unless its queue is more than ``imbalance`` longer than the shortest; then all replicas in one
-        group: the least loaded wins.
+        loads: replica -> requests queued or running on it. The prefix's replica comes first, alone, while
+        its queue is at most ``imbalance`` x (the share of the prompt's blocks it holds) longer than the
+        shortest queue: a conversation's next turn, most of whose prompt is cached there, waits for its
+        replica; a prompt that only shares a short system prompt goes where the queue is shortest (else
+        every new conversation would pile onto the replica that ran that system prompt first). Otherwise
+        all replicas in one group: the least loaded wins.
         """
         if not loads:
             return []
-        owner, _ = self.owner(block_hashes)
+        owner, matched = self.owner(block_hashes)
         others = [r for r in loads if r != owner]
         random.shuffle(others)  # equal loads are broken at random: idle replicas share new prompts evenly
-        if owner in loads and loads[owner] - min(loads.values()) <= self.imbalance:
+        allowed = self.imbalance * matched / len(block_hashes) if matched else 0.0
+        if owner in loads and loads[owner] - min(loads.values()) <= allowed:
             return [[owner], others]
         return [others + [owner]] if owner in loads else [others]
 
