@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from tokenmill.config import (
@@ -25,7 +26,7 @@ from tokenmill.config import (
     EngineConfig,
     ReplicaConfig,
 )
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 CLI_MAX_TOKENS = 256  # an answer in a terminal: longer than SamplingParams' 16
 CLI_TEMPERATURE = 0.7  # sampled but focused; 0 (greedy) with --num-beams > 1
@@ -170,7 +171,37 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     given["early_stopping"] = EARLY_STOPPING[args.early_stopping]
     if args.temperature is None:
         given["temperature"] = 0.0 if args.num_beams > 1 else CLI_TEMPERATURE
+    given["structured_outputs"] = structured_outputs_from_args(args)
     return SamplingParams(**given)
+
+
+def add_structured_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json-schema FILE | --regex RE | --choice a,b,c | --grammar FILE (docs/structured_output.md)."""
+    g = parser.add_argument_group("structured output (one at most)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON schema")
+    g.add_argument("--regex", metavar="RE", help="the output matches this regular expression")
+    g.add_argument("--choice", metavar="A,B,C", help="the output is one of these comma-separated strings")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this Lark or GBNF grammar")
+
+
+def structured_outputs_from_args(args: argparse.Namespace) -> StructuredOutputsParams | None:
+    """The constraint the structured-output flags ask for (None without them); ValueError naming the flag."""
+    if getattr(args, "json_schema", None):
+        return StructuredOutputsParams(json=_read_flag_file("--json-schema", args.json_schema))
+    if getattr(args, "grammar", None):
+        return StructuredOutputsParams(grammar=_read_flag_file("--grammar", args.grammar))
+    if getattr(args, "regex", None):
+        return StructuredOutputsParams(regex=args.regex)
+    if getattr(args, "choice", None):
+        return StructuredOutputsParams(choice=[c for c in args.choice.split(",") if c])
+    return None
+
+
+def _read_flag_file(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror}") from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -211,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_structured_output_arguments(gen)
     gen.add_argument("prompt")
 
     chat = sub.add_parser("chat", help="interactive chat")

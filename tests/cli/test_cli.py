@@ -140,3 +140,19 @@ def test_every_sampling_flag_sets_its_field():
                                        "--early-stopping", "never"])
     assert sampling_params_from_args(beams) == SamplingParams(
         max_tokens=CLI_MAX_TOKENS, temperature=0.0, num_beams=3, length_penalty=0.5, early_stopping="never", seed=0)
+
+
+def test_generate_with_a_json_schema_or_a_bad_regex(tmp_path):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    r = tokenmill("generate", "--json", "--chat", "--json-schema", str(tmp_path / "schema.json"),
+                  "Is water wet? Answer in JSON.")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)["outputs"][0]
+    assert json.loads(out["text"])["answer"] in ("yes", "no") and out["finish_reason"] == "stop"
+    r = tokenmill("generate", "--regex", "a(b", "x")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("tokenmill: error: structured_outputs.regex:") and "unclosed group" in r.stderr
+    r = tokenmill("generate", "--json-schema", str(tmp_path / "missing.json"), "x")
+    assert r.returncode == 2 and "--json-schema: cannot read" in r.stderr

@@ -3,6 +3,7 @@ it answers, and when the core process dies the server says so (503, streams end 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +56,19 @@ def test_default_settings_answer_paris(default_server):
         model=client.models.list().data[0].id, temperature=0, max_tokens=32,
         messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in answer.choices[0].message.content
+
+
+def test_a_json_schema_is_enforced_by_the_core_process(default_server):
+    # the grammar's spec crosses to the core process, which compiles it and masks every step
+    _, url = default_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=client.models.list().data[0].id, temperature=0, max_tokens=32,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert set(json.loads(answer.choices[0].message.content)) == {"capital"}
 
 
 def test_core_process_death_gives_503_ends_streams_and_exits_1(default_server):

@@ -7,6 +7,7 @@ else (the scheduler, the runner, the requests' state) is touched only by that th
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -32,6 +33,7 @@ from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.spec_decode import build_proposer
 from tokenmill.engine.step import EngineCoreOutput, SequenceStop
+from tokenmill.engine.structured_output import GrammarCompiler, grammar_compiler
 from tokenmill.model.loading import load_model
 from tokenmill.sampling_params import SamplingParams
 
@@ -139,7 +141,8 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, cache, device, loaded.config.vocab_size, eos,
                                   compile_decode=config.compile)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, eos,
-                                   max_model_len, loaded.tokenizer, config.speculative_config)
+                                   max_model_len, loaded.tokenizer, config.speculative_config,
+                                   grammars=functools.partial(grammar_compiler_for, self.info))
         self.proposer = build_proposer(config, loaded, num_blocks, dtype, device)
         release_freed_heap()  # loading's temporaries (dequantized copies, packing buffers) are garbage now
         self._cond = threading.Condition()  # the one lock: guards the inbox
@@ -301,12 +304,19 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
         raise ValueError(
             f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {needed} exceeds the "
             f"context length of {limit} tokens")
+    if params.structured_outputs is not None:  # compiles (and caches) the grammar: bad ones fail here
+        grammar_compiler_for(info).compile(params.structured_outputs)
     # After a preemption every sample / beam is recomputed on its own: all of them must fit at once.
     streams = max(params.n, params.num_beams)
     blocks = -(-needed // info.block_size) * streams
     if blocks > info.num_blocks:
         raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) for {streams} "
                          f"sequence(s) needs {blocks} KV blocks but the cache has only {info.num_blocks}")
+
+
+def grammar_compiler_for(info: EngineInfo) -> GrammarCompiler:
+    """The structured-output compiler for the engine's tokenizer and vocabulary (built once)."""
+    return grammar_compiler(info.tokenizer, info.model_config.vocab_size, tuple(info.eos_token_ids))
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module) -> int:

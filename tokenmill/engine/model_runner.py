@@ -139,15 +139,18 @@ class ModelRunner:
     def _sample_rows(s: ScheduledSeq, first: int) -> list[tuple[SampleRow, int]]:
         """The sampler rows of one sequence: one per sample of a fan-out, else one per logit row."""
         request, seq = s.request, s.seq
+        masks = s.grammar_bitmask  # [num_logit_rows, W] or None
         if s.num_samples > 1:
-            return [(SampleRow(request.params, seq.prompt_token_ids, [], request.sample_generators[i]), first)
+            return [(SampleRow(request.params, seq.prompt_token_ids, [], request.sample_generators[i],
+                               grammar_mask=None if masks is None else masks[0]), first)
                     for i in range(s.num_samples)]
         outputs = seq.output_token_ids
         # row j follows draft tokens 0..j-1: they count as output for the penalties; it verifies
         # draft j against the draft's distribution when that is not one-hot
         rows = []
         for j in range(s.num_logit_rows):
-            row = SampleRow(request.params, seq.prompt_token_ids, outputs + s.draft_token_ids[:j], seq.generator)
+            row = SampleRow(request.params, seq.prompt_token_ids, outputs + s.draft_token_ids[:j], seq.generator,
+                            grammar_mask=None if masks is None else masks[j])
             if s.draft_probs is not None and j < len(s.draft_token_ids):
                 row.draft_token_id, row.draft_probs = s.draft_token_ids[j], s.draft_probs[j]
             rows.append((row, first + j))

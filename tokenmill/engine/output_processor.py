@@ -111,7 +111,8 @@ class OutputProcessor:
                 sample.delta_logprobs.append(entry)
             if delta.new_processed_top is not None:
                 sample.processed_top.append(delta.new_processed_top[i])
-            if i == last and delta.finish_reason is FinishReason.STOP and not isinstance(delta.stop_reason, str):
+            if (i == last and delta.finish_reason is FinishReason.STOP and not isinstance(delta.stop_reason, str)
+                    and not delta.grammar_complete):
                 break  # EOS or a stop token id: its text never reaches the output
             update = sample.detokenizer.add_tokens([token])
             sample.release(update.delta_text)

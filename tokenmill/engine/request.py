@@ -68,6 +68,8 @@ class Sequence:
     # and the distribution each was drawn from ([k, V]; None: one-hot, as n-gram and greedy drafts are).
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    # Structured outputs: where this sample is in its grammar (engine.structured_output.Grammar).
+    grammar: Any = None
 
     @property
     def output_token_ids(self) -> list[int]:

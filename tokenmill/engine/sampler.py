@@ -3,6 +3,8 @@
 Each row of the logits ``[B, V]`` is one sequence with its own SamplingParams. The steps
 run in this order, each a small pure function over the whole batch:
 
+0. ``apply_grammar_mask`` (engine/structured_output.py): rows with a grammar (structured outputs)
+   get -inf on every token their grammar forbids now; the other rows are not touched.
 1. ``apply_logit_bias`` adds the request's logit_bias, then ``apply_min_tokens_mask`` sets
    the EOS ids and stop_token_ids to -inf while fewer than min_tokens tokens are out.
 2. ``apply_repetition_penalty``: every token seen in the prompt or the output has its logit
@@ -16,13 +18,14 @@ run in this order, each a small pure function over the whole batch:
 7. ``apply_min_p``: drop tokens whose probability is below min_p times the top token's.
 8. ``sample``: inverse CDF over the vocabulary in token-id order with one uniform per row drawn
    from that row's own generator. The result depends only on the row's logits, its parameters
-   and its generator, so a seeded request gives the same tokens alone or in any batch.
+   and its generator, so a seeded request draws the same numbers alone or in any batch; its tokens
+   are the same too when its logits are, which only batch-invariant mode guarantees (docs/determinism.md).
    A row that verifies a draft token drawn from a full distribution q (a draft model) uses its
    uniform for rejection sampling instead (``spec_decode.rejection_sample``); a one-hot draft
    (n-gram) needs nothing more: the row's own sample is the verdict (accepted when it equals it).
 
-Reported logprobs are the raw model distribution (log_softmax before step 1), like vLLM's
-default. Fast paths: a batch that is all greedy with nothing in steps 1-3 is a single argmax;
+Reported logprobs are the raw model distribution (log_softmax before step 0: the model's own
+view, even of tokens the grammar forbids). Fast paths: a batch that is all greedy with nothing in steps 1-3 is a single argmax;
 count tensors for penalties are built only when some row uses a penalty.
 """
 
@@ -35,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from tokenmill.engine.spec_decode import rejection_sample
+from tokenmill.engine.structured_output import apply_grammar_mask
 from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
@@ -64,6 +68,7 @@ class SampleRow:
     # drawn from; only set for a q that is not one-hot (one-hot drafts need no special handling)
     draft_token_id: int | None = None
     draft_probs: torch.Tensor | None = None
+    grammar_mask: torch.Tensor | None = None  # [ceil(V / 32)] int32: structured outputs' allowed tokens
 
 
 @dataclass
@@ -103,6 +108,7 @@ class SamplingBatch:
     processed_k: list[int | None]
     # Rows verifying drafts drawn from a full distribution (sampled rows only).
     drafts: DraftRows | None = None
+    grammar: GrammarRows | None = None  # step 0: rows with a grammar and their bitmasks
 
     @property
     def needs_processing(self) -> bool:
@@ -141,7 +147,23 @@ class SamplingBatch:
             logprobs_k=[p.logprobs for p in params],
             processed_k=[p.return_processed_topk for p in params],
             drafts=DraftRows.build(rows, greedy, device),
+            grammar=GrammarRows.build(rows, device),
         )
+
+
+class GrammarRows(NamedTuple):
+    """The rows that have a grammar (structured outputs) and the tokens each may take."""
+
+    rows: torch.Tensor  # [G] long
+    bitmask: torch.Tensor  # [G, ceil(V / 32)] int32
+
+    @staticmethod
+    def build(rows: list[SampleRow], device: torch.device) -> GrammarRows | None:
+        picked = [i for i, r in enumerate(rows) if r.grammar_mask is not None]
+        if not picked:  # requests without a grammar pay nothing
+            return None
+        return GrammarRows(torch.tensor(picked, dtype=torch.long, device=device),
+                           torch.stack([rows[i].grammar_mask for i in picked]).to(device))
 
 
 class DraftRows(NamedTuple):
@@ -394,11 +416,14 @@ class Sampler:
         # Raw logprob = logit - logsumexp: a reduction, no [B, V] log_softmax written.
         log_norm = logits.logsumexp(dim=-1)  # [B]
         final = None  # logits after all controls, when some row samples
+        allowed = logits  # after step 0
+        if batch.grammar is not None:
+            allowed = apply_grammar_mask(logits, batch.grammar.rows, batch.grammar.bitmask)
         if batch.all_greedy:
-            processed = apply_penalties(logits, batch) if batch.needs_processing else logits
+            processed = apply_penalties(allowed, batch) if batch.needs_processing else allowed
             token_ids = processed.argmax(dim=-1)
         else:
-            processed = apply_penalties(logits, batch)
+            processed = apply_penalties(allowed, batch)
             final = apply_truncation(processed, batch)
             uniforms = draw_uniforms(batch.generators, batch.greedy_rows, logits.device)
             token_ids = sample_with_uniforms(final, uniforms)

@@ -19,8 +19,10 @@ next ``schedule()`` feeds after each sequence's last token, with lookahead slots
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,9 @@ from tokenmill.engine.step import (
     SpecCandidate,
 )
 from tokenmill.engine.stopping import check_stop
+from tokenmill.engine.structured_output import GrammarCompiler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,8 +69,11 @@ class Scheduler:
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  eos_token_ids: list[int], max_model_len: int, tokenizer: Any = None,
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None,
+                 grammars: Callable[[], GrammarCompiler] | None = None) -> None:
+        """grammars: gives the structured-output compiler (called once a request has a grammar)."""
         self.kv = kv
+        self._grammars = grammars
         self.speculative_config = speculative_config
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -83,8 +91,13 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a request (its first sequence is made here)."""
         if not request.seqs:
-            request.seqs.append(self.new_sequence(request, list(request.prompt_token_ids),
-                                                  request.sample_generators[0] if request.sample_generators else None))
+            seq = self.new_sequence(request, list(request.prompt_token_ids),
+                                    request.sample_generators[0] if request.sample_generators else None)
+            if request.params.structured_outputs is not None:
+                if self._grammars is None:
+                    raise ValueError("structured_outputs: this scheduler has no grammar compiler")
+                seq.grammar = self._grammars().grammar(request.params.structured_outputs)
+            request.seqs.append(seq)
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.counters.prompt_tokens += len(request.prompt_token_ids)
@@ -202,6 +215,8 @@ class Scheduler:
         if remaining == 1 and seq.draft_token_ids:
             room = min(budget - 1, self.max_model_len - seq.num_tokens)
             drafts = seq.draft_token_ids[:max(0, room)]
+            if seq.grammar is not None:  # a draft the grammar forbids could never be accepted
+                drafts = drafts[:seq.grammar.valid_prefix(drafts)]
         n = min(remaining, budget)
         if n <= 0:
             return ScheduledSeq(request, seq, 0, seq.num_computed_tokens, [])
@@ -257,9 +272,10 @@ class Scheduler:
                    and seq.num_output_tokens == 0)
         start = seq.num_computed_tokens
         probs = seq.draft_probs[:len(drafts)] if drafts and seq.draft_probs is not None else None
+        samples = start + n - len(drafts) == seq.num_tokens
         return ScheduledSeq(request, seq, n, start, self.kv.block_table(seq), list(drafts), probs,
-                            num_samples=params.n if fan_out else 1,
-                            samples=start + n - len(drafts) == seq.num_tokens)
+                            num_samples=params.n if fan_out else 1, samples=samples,
+                            grammar_bitmask=seq.grammar.bitmask(drafts) if samples and seq.grammar else None)
 
     def preempt(self, request: Request, out: SchedulerOutput | None = None) -> None:
         """Free all of request's blocks and put it back at the front of the waiting queue."""
@@ -346,6 +362,10 @@ class Scheduler:
             if delta.new_processed_top is not None:
                 delta.new_processed_top.append(sampled.processed_top[i])
             stop = check_stop(seq, request.params, self.eos_token_ids, self.max_model_len)
+            if (stop is None or stop[0] is FinishReason.LENGTH) and seq.grammar is not None:
+                grammar_stop = _grammar_stop(seq)  # a complete document ends with "stop", even at max_tokens
+                if grammar_stop is not None:
+                    stop, delta.grammar_complete = grammar_stop, True
             if stop is not None:
                 self._finish_sequence(seq, *stop)
                 break
@@ -391,12 +411,16 @@ class Scheduler:
                                   index=len(request.seqs) if index is None else index)
         child.num_computed_tokens = parent.num_computed_tokens
         child.cumulative_logprob = parent.cumulative_logprob
+        child.grammar = parent.grammar.fork() if parent.grammar is not None else None
         self.kv.fork(parent, child)
         request.seqs.append(child)
         return child
 
     def append(self, request: Request, seq: Sequence, token: int, cumulative_logprob: float) -> None:
-        """Append one generated token to seq."""
+        """Append one generated token to seq (and advance its grammar)."""
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # cannot happen while the sampler applies the grammar's mask; never let it pass unnoticed
+            logger.error("request %s: grammar rejected token %d: %s", request.request_id, token, seq.grammar.error)
         seq.token_ids.append(token)
         seq.cumulative_logprob = cumulative_logprob
         request.metrics.num_generated_tokens += 1
@@ -432,6 +456,13 @@ class Scheduler:
         if request.metrics.finished_time is None:
             request.metrics.finished_time = time.perf_counter()
         self.requests.pop(request.request_id, None)
+
+
+def _grammar_stop(seq: Sequence) -> tuple[FinishReason, None] | None:
+    """The structured output is complete ("stop"), or its grammar broke ("abort")."""
+    if seq.grammar.error is not None:
+        return FinishReason.ABORT, None
+    return (FinishReason.STOP, None) if seq.grammar.is_terminated else None
 
 
 def _mark_token_time(request: Request, now: float, num_positions: int = 1) -> None:

@@ -42,6 +42,8 @@ class ScheduledSeq:
     draft_probs: torch.Tensor | None = None  # [len(draft_token_ids), V] the drafts' distribution; None: one-hot
     num_samples: int = 1  # n > 1: the request's n samples all draw their first token from this row
     samples: bool = False  # this step computes the sequence's last token: its next token(s) are sampled
+    # structured outputs: [num_logit_rows, ceil(V / 32)] int32, the tokens each sampled row may take
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def num_logit_rows(self) -> int:
@@ -119,6 +121,7 @@ class SeqDelta:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     new_drafted: list[bool] = field(default_factory=list)  # per new token: an accepted draft token
+    grammar_complete: bool = False  # finished because its structured output is complete (last token is text)
 
 
 @dataclass
