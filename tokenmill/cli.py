@@ -71,6 +71,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, several_models: bool =
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=ENGINE["enable_prefix_caching"],
                    help="recompute every prompt instead of reusing the KV of prefixes seen before")
+    g.add_argument("--batch-invariant", action="store_true", default=ENGINE["batch_invariant"],
+                   help="a request's tokens never depend on what else runs (same text alone or in a batch); "
+                        "slower, see docs/determinism.md")
     s = parser.add_argument_group("speculative decoding (off unless one of these is given)")
     s.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='vLLM\'s speculative_config, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -125,7 +128,8 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", default=REPLICAS["routing"], choices=ROUTING_POLICIES,
                    help="prefix: a prompt goes to the replica holding its prefix unless it is overloaded")
     g.add_argument("--routing-imbalance", dest="imbalance", type=int, default=REPLICAS["imbalance"], metavar="N",
-                   help="prefix routing passes over a replica whose queue is N requests longer than the shortest")
+                   help="prefix routing passes over a prompt's replica once its queue is longer than the shortest "
+                        "by more than N x the share of the prompt it holds")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join a running Ray cluster ('auto' or host:port) instead of starting Ray on this machine")
 

@@ -146,6 +146,8 @@ class EngineConfig:
     threads: int | None = None
     compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix seen before
+    # a request's tokens do not depend on what else is in the batch (docs/determinism.md); costs speed
+    batch_invariant: bool = False
     # speculative decoding: a SpeculativeConfig or its dict ({"method": "ngram", ...}); None = off
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
@@ -181,7 +183,8 @@ class ReplicaConfig:
     replicas behind one endpoint (docs/scale_out.md).
 
     routing "prefix": a prompt goes to the replica that ran its longest cached prefix unless that replica's
-    queue is more than ``imbalance`` requests longer than the shortest, then to the least-loaded one;
+    queue is longer than the shortest by more than ``imbalance`` x the share of the prompt it holds, then
+    to the least-loaded one;
     "round-robin": replicas in turn (the baseline). ray_address: None starts a Ray instance on this
     machine's loopback; "auto" or "host:port" joins a running cluster (``ray start --head``).
     """

@@ -139,7 +139,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         cache = KVCacheTensors(loaded.config, num_blocks, config.block_size, kv_dtype, device)
         self.runner = ModelRunner(loaded.model, cache, device, loaded.config.vocab_size, eos,
-                                  compile_decode=config.compile)
+                                  compile_decode=config.compile, batch_invariant=config.batch_invariant)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, eos,
                                    max_model_len, loaded.tokenizer, config.speculative_config,
                                    grammars=functools.partial(grammar_compiler_for, self.info))

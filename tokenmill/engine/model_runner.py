@@ -39,12 +39,14 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler; executes one step at a time."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheTensors, device: torch.device,
-                 vocab_size: int, eos_token_ids: list[int], compile_decode: bool = False) -> None:
+                 vocab_size: int, eos_token_ids: list[int], compile_decode: bool = False,
+                 batch_invariant: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.batch_invariant = batch_invariant  # attention computes each query alone (model/batch_invariant.py)
         self.sampler = Sampler()
         # Decode-only steps all have the same structure (no prefill slices), so one compiled graph
         # with dynamic batch and context sizes serves them all; steps with prefill chunks, whose
@@ -94,7 +96,8 @@ class ModelRunner:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
-        return StepInputs(tensor(ids), tensor(positions), AttentionMetadata.build(slices, self.kv_cache.block_size, dev),
+        meta = AttentionMetadata.build(slices, self.kv_cache.block_size, dev, batch_invariant=self.batch_invariant)
+        return StepInputs(tensor(ids), tensor(positions), meta,
                           tensor(logit_indices), logit_rows, prompt_rows,
                           tensor(prompt_indices) if prompt_indices else None)
 

@@ -25,8 +25,9 @@ run in this order, each a small pure function over the whole batch:
    (n-gram) needs nothing more: the row's own sample is the verdict (accepted when it equals it).
 
 Reported logprobs are the raw model distribution (log_softmax before step 0: the model's own
-view, even of tokens the grammar forbids). Fast paths: a batch that is all greedy with nothing in steps 1-3 is a single argmax;
-count tensors for penalties are built only when some row uses a penalty.
+view, even of tokens the grammar forbids). Fast paths: a batch that is all greedy with nothing in
+steps 0-3 is a single argmax; count tensors for penalties are built only when some row uses a
+penalty; step 0 runs only when some row has a grammar.
 """
 
 from __future__ import annotations

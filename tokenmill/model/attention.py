@@ -105,6 +105,9 @@ class AttentionMetadata:
     decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
     decode_padding: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = padding no query may attend
     prefills: list[PrefillSlice]
+    # batch-invariant mode: every query is computed alone over its padded context (model/batch_invariant.py)
+    batch_invariant: bool = False
+    window: int | None = None  # the sliding window these metadata were built for (None: full attention)
     # tensors derived from the above on first use and then shared by every layer of the step
     _derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     # what build() was given, for the sliding-window variants (windowed()), built once per step and window
@@ -112,6 +115,7 @@ class AttentionMetadata:
     _block_size: int = field(default=1, repr=False, compare=False)
     _device: torch.device | str = field(default="cpu", repr=False, compare=False)
     _windowed: dict[int, AttentionMetadata] = field(default_factory=dict, repr=False, compare=False)
+    _invariant_groups: list | None = field(default=None, repr=False, compare=False)
 
     def decode_rows(self, num_kv_heads: int) -> torch.Tensor:
         """[Bd * Hkv * Kmax] rows of a layer's cache seen as [num_slots * Hkv, D], in [Bd, Hkv, Kmax] order."""
@@ -126,12 +130,13 @@ class AttentionMetadata:
         positions (itself included), so decodes gather only those slots and prefill masks cut older keys.
         Built on first use and then shared by every layer with that window."""
         if window not in self._windowed:
-            self._windowed[window] = AttentionMetadata.build(self._seqs, self._block_size, self._device, window)
+            self._windowed[window] = AttentionMetadata.build(self._seqs, self._block_size, self._device, window,
+                                                             self.batch_invariant)
         return self._windowed[window]
 
     @staticmethod
     def build(seqs: list[SeqSlice], block_size: int, device: torch.device | str,
-              window: int | None = None) -> AttentionMetadata:
+              window: int | None = None, batch_invariant: bool = False) -> AttentionMetadata:
         """Build the metadata for sequences given decode-first (``num_new_tokens == 1`` first); with
         ``window``, for layers that see only the last ``window`` positions (see ``windowed``)."""
         # Work per block, not per token: a sequence's slots come from its block ids in one tensor op,
@@ -159,7 +164,7 @@ class AttentionMetadata:
             num_decode_tokens=len(decodes),
             decode_gather_index=None if decode_gather is None else decode_gather.to(device),
             decode_padding=None if decode_padding is None else decode_padding.to(device),
-            prefills=prefills,
+            prefills=prefills, batch_invariant=batch_invariant, window=window,
             _seqs=seqs, _block_size=block_size, _device=device,
         )
 
@@ -236,6 +241,10 @@ class TorchSDPABackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(kv_cache, meta.slot_mapping, k, v)
+        if meta.batch_invariant:
+            from tokenmill.model.batch_invariant import invariant_attention  # it builds on this backend
+
+            return invariant_attention(q, kv_cache, meta, scale)
         nd = meta.num_decode_tokens
         if not meta.prefills:  # all decodes: no output buffer to fill piecewise
             return self._decode(q, kv_cache, meta, scale)

@@ -34,6 +34,7 @@ def load_model(config: EngineConfig, dtype: torch.dtype, device: torch.device) -
     checkpoint = load_checkpoint(config.model, dtype, keep_quantized=keep)
     tensors = quantize_linear_weights(checkpoint.tensors, config.quantization)
     model = build_model(checkpoint.config, tensors, dtype, device)
-    if config.quantization == "auto" and device.type == "cpu" and cpu_has_native_bf16():
+    # batch-invariant mode keeps one weight format whatever the rows: the packed one (model/batch_invariant.py)
+    if config.quantization == "auto" and device.type == "cpu" and cpu_has_native_bf16() and not config.batch_invariant:
         make_batch_adaptive(model)
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, checkpoint.name)
