@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import ENGINE, RunningServer, free_port
+from tokenmill.cli import main
 from tokenmill.config import ReplicaConfig
 from tokenmill.server import ray_serve
 from tokenmill.server.routing import REPLICA_HEADER
@@ -177,6 +178,15 @@ def test_metrics_add_up_the_replicas(replicas):
     assert metrics["tokenmill_generation_tokens_total"] > 0
 
 
+def test_bench_url_works_unchanged(replicas, capsys):
+    argv = ["bench", "--url", replicas.url, "--num-prompts", "4", "--concurrency", "4", "--input-len", "16",
+            "--output-len", "4", "--warmup", "0", "--json", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["completed"], result["failed"]) == (4, 0)
+    assert result["ttft_s"]["p50"] > 0 and result["output_throughput"] > 0
+
+
 def test_killing_a_replica_fails_only_its_requests(replicas):
     """SIGKILL one replica while both run streams: its requests end with a 503 (or a stream error event),
     every other request completes, requests sent meanwhile succeed, and Ray brings the replica back."""
@@ -197,10 +207,18 @@ def test_killing_a_replica_fails_only_its_requests(replicas):
         r = await client.post(f"{replicas.url}/v1/completions", json=body)
         return r.status_code, r.headers.get(REPLICA_HEADER), r.status_code != 200
 
+    def routed() -> dict[str, float]:
+        return {k: v for k, v in replicas.metrics().items() if k.startswith("tokenmill_replica_requests_routed_total")}
+
     async def main() -> tuple[list, list]:
+        start = routed()
         async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
             before = [asyncio.ensure_future(one(client, i)) for i in range(8)]
-            await asyncio.sleep(1.5)
+            for _ in range(600):  # until both replicas have requests in flight
+                now = await asyncio.to_thread(routed)
+                if sum(now.values()) - sum(start.values()) == 8 and all(now[k] > start.get(k, 0) for k in now):
+                    break
+                await asyncio.sleep(0.1)
             os.kill(pids[0], signal.SIGKILL)
             meanwhile = [asyncio.ensure_future(one(client, 100 + i)) for i in range(4)]
             return await asyncio.gather(*before), await asyncio.gather(*meanwhile)
