@@ -22,8 +22,18 @@ import pytest
 from tests.server.conftest import ENGINE, RunningServer, free_port
 from tokenmill.cli import main
 from tokenmill.config import ReplicaConfig
+from tokenmill.engine.async_engine import EngineDeadError
+from tokenmill.engine.core import EngineStats
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import ray_serve
-from tokenmill.server.routing import REPLICA_HEADER
+from tokenmill.server.protocol import ApiError
+from tokenmill.server.routing import REPLICA_HEADER, ReplicaChunk
+from tokenmill.server.serving import ServerState, check_admission
+
+ray_serve.import_ray(local=True)  # before anything imports ray: the local instance then binds the loopback
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from tokenmill.server.replicas import ReplicaPool  # noqa: E402
 
 REPLICA_TITLE = "ray::ServeReplica:tokenmill:EngineReplica"  # the process title Ray gives each replica
 TIMEOUT_S = 300
@@ -116,8 +126,9 @@ def test_outputs_equal_the_one_process_server(replicas, server):
         assert got.status_code == 200, got.text
         assert _text(got) == _text(expected), (path, body)
         assert got.headers[REPLICA_HEADER]
-        streamed, _, errors = _stream_text(replicas.url, path, body)
-        assert not errors and streamed == _text(expected)
+        if path == "/v1/chat/completions":  # streamed too: the same text in deltas
+            streamed, _, errors = _stream_text(replicas.url, path, body)
+            assert not errors and streamed == _text(expected)
 
 
 def test_twenty_concurrent_mixed_streams_complete(replicas):
@@ -250,3 +261,79 @@ def _wait_for_two_running_replicas() -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+# ---- the pool's admission and failure paths, over a stand-in for Ray Serve's handle ------------------
+
+class _Call:
+    """One handle call: the replica's chunks, in order; an exception in the list is raised there."""
+
+    def __init__(self, items: list, gate: asyncio.Event) -> None:
+        self.items, self.gate, self.cancelled = list(items), gate, False
+
+    def __aiter__(self) -> _Call:
+        return self
+
+    async def __anext__(self) -> ReplicaChunk:
+        await self.gate.wait()
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Handle:
+    """Stands in for DeploymentHandle.options(stream=True).generate: each call gets the next script."""
+
+    def __init__(self, scripts: list[list], gate: asyncio.Event) -> None:
+        self.scripts, self.gate, self.calls = scripts, gate, []
+
+    def options(self, **_: object) -> _Handle:
+        return self
+
+    @property
+    def generate(self) -> _Handle:
+        return self
+
+    def remote(self, request: object) -> _Call:
+        self.calls.append(_Call(self.scripts.pop(0), self.gate))
+        return self.calls[-1]
+
+
+def test_pool_admission_retry_and_replica_death(server):
+    """429 with Retry-After once max_queue requests wait for a replica; a replica that died before taking a
+    request is retried on another; one that dies mid-request fails that request with EngineDeadError (503)."""
+    stats = EngineStats(num_running=0, num_waiting=0, num_preemptions_total=0, kv_blocks_used=0, kv_blocks_total=8,
+                        prompt_tokens_total=0, generation_tokens_total=0)
+    accepted = ReplicaChunk("r2", [], stats, time.monotonic())
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        handle = _Handle([[accepted, ActorDiedError()], [ActorDiedError()], [accepted, ActorDiedError()]], gate)
+        pool = ReplicaPool(handle, server.engine.info)
+        pool.start()
+        state = ServerState(metrics=pool.metrics, max_queue=2)
+        state.add_engine("m", pool)
+        params = SamplingParams(max_tokens=4)
+        first = asyncio.ensure_future(pool.add_request([1, 2, 3], params))
+        second = asyncio.ensure_future(pool.add_request([4, 5, 6], params))
+        await asyncio.sleep(0.05)  # both wait for a replica with room
+        assert pool.num_waiting() == 2
+        with pytest.raises(ApiError) as full:
+            check_admission(state, 1)
+        assert full.value.status == 429 and full.value.headers == {"Retry-After": "1"}
+        gate.set()
+        streams = await asyncio.gather(first, second)  # the second's first replica died: taken on retry
+        assert len(handle.calls) == 3 and pool.num_waiting() == 0
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match="replica r2 died"):
+                async for _ in stream:
+                    pass
+        assert "r2" not in pool.book.replicas()  # its gauges are gone
+
+    asyncio.run(main())
