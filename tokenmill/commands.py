@@ -120,28 +120,29 @@ def _setting_value(name: str, text: str) -> object:
 
 @contextlib.contextmanager
 def _loading(model: str) -> Iterator[None]:
-    """A progress line on stderr while the model loads: a spinner on a terminal, one line otherwise."""
+    """On a terminal, a spinner on stderr while the model loads, then how long it took. Not on a pipe or
+    a file, whose reader wants the output alone (and an error as its one line)."""
+    stream = sys.stderr
+    if not stream.isatty():
+        yield
+        return
     start, done, label = time.perf_counter(), threading.Event(), f"Loading {model}"
 
     def spin() -> None:
         for frame in itertools.cycle("|/-\\"):
+            print(f"\r{label} {frame} {time.perf_counter() - start:.0f} s", end="", file=stream, flush=True)
             if done.wait(0.1):
                 return
-            print(f"\r{label} {frame} {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
 
-    spinner = threading.Thread(target=spin, daemon=True) if sys.stderr.isatty() else None
-    if spinner is not None:
-        spinner.start()
-    else:
-        print(f"{label} ...", file=sys.stderr, flush=True)
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
     try:
         yield
     finally:
         done.set()
-        if spinner is not None:
-            spinner.join()
-            print("\r\033[K", end="", file=sys.stderr)
-    print(f"Loaded {model} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        spinner.join()
+        print("\r\033[K", end="", file=stream, flush=True)  # clear the spinner's line
+    print(f"Loaded {model} in {time.perf_counter() - start:.1f} s", file=stream, flush=True)
 
 
 def _load_engine(config: EngineConfig):

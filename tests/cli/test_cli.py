@@ -1,9 +1,12 @@
 """The command line: generate (streamed and --json), tokenize, one-line errors with exit code 2, and
 flags whose defaults and values are the EngineConfig and SamplingParams fields they set."""
 
+import io
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,7 +32,6 @@ def test_generate_chat_answers_paris_and_prints_metrics():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "TTFT" in r.stderr and "TPOT" in r.stderr and "tokens/s" in r.stderr
-    assert "Loading smollm2-135m-instruct" in r.stderr and "Loaded smollm2-135m-instruct in" in r.stderr
 
 
 def test_generate_json_has_the_documented_shape():
@@ -86,6 +88,28 @@ def test_chat_keeps_the_conversation_takes_commands_and_ends_on_an_empty_line():
     assert "/reset" in r.stderr and "(top_k = 1)" in r.stderr and "top_k=1 " in r.stderr
     assert "top_p must be in (0, 1], got 2.0" in r.stderr and "usage: /set NAME VALUE" in r.stderr
     assert "(conversation cleared)" in r.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_loading_shows_a_spinner_on_a_terminal_only(monkeypatch):
+    from tokenmill.commands import _loading
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with _loading("some-model"):
+        time.sleep(0.25)
+    text = terminal.getvalue()
+    assert "\rLoading some-model |" in text and "\rLoading some-model /" in text  # the spinner turned
+    assert re.search(r"\r\033\[KLoaded some-model in \d+\.\d s\n$", text)
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    with pytest.raises(ValueError), _loading("bad-model"):
+        raise ValueError("no such model")
+    assert pipe.getvalue() == ""  # on a pipe an error stays the only line
 
 
 def test_version_and_help_show_defaults(capsys):
