@@ -29,10 +29,12 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--quantization", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = args.variants.split(",")
-    engines = {v: LLMEngine(EngineConfig(kv_cache_dtype=v, kv_cache_memory_gb=0.4, quantization=args.quantization))
+    engines = {v: LLMEngine(EngineConfig(kv_cache_dtype=v, kv_cache_memory_gb=0.4, quantization=args.quantization,
+                                         threads=args.threads))
                for v in variants}
     tokenizer = next(iter(engines.values())).tokenizer
     tpot: dict[tuple[str, int], list[float]] = {(v, c): [] for v in variants for c in levels}
