@@ -86,7 +86,10 @@ def start_ray(replicas: ReplicaConfig, config: EngineConfig, log_to_driver: bool
     if ray.is_initialized():
         return ray
     if replicas.ray_address is not None:
-        ray.init(address=replicas.ray_address, log_to_driver=log_to_driver)
+        try:
+            ray.init(address=replicas.ray_address, log_to_driver=log_to_driver)
+        except ConnectionError as exc:
+            raise ValueError(f"--ray-address {replicas.ray_address}: no Ray cluster answers there ({exc})") from None
         return ray
     ray.init(_node_ip_address="127.0.0.1", num_cpus=replicas.num_replicas * replica_threads(replicas, config),
              include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=log_to_driver)
