@@ -144,6 +144,17 @@ class Grammar:
         return Grammar(self._matcher.deep_copy(), self.num_words * 32)
 
 
+def is_allowed(bitmask_row: torch.Tensor, token_id: int) -> bool:
+    """Whether a bitmask row [ceil(V / 32)] int32 allows token_id."""
+    return bool((int(bitmask_row[token_id // 32]) >> (token_id % 32)) & 1)
+
+
+def num_allowed(bitmask_row: torch.Tensor) -> int:
+    """How many tokens a bitmask row [ceil(V / 32)] int32 allows."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    return int(((bitmask_row.unsqueeze(-1) >> shifts) & 1).sum())
+
+
 def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Step 0 of the pipeline: logits [B, V]; rows [G] long; bitmask [G, ceil(V / 32)] int32 (bit t % 32 of
     word t // 32 set: token t allowed). Returns logits with the forbidden tokens of those rows at -inf."""
