@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.adaptive_linear import cpu_has_native_bf16
 from tokenmill.model.attention import Int8KVCache, KVCache
 
 logger = logging.getLogger(__name__)
@@ -75,17 +74,16 @@ class KVCacheTensors:
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
     """The cache's element type for ``--kv-cache-dtype name`` and why (for the start-up log line).
 
-    auto: the model's dtype when it is 16-bit already; else bfloat16 on CUDA and on a CPU with native
-    bf16; else float16 (same bytes; on an AVX2 CPU torch converts float16 rows faster than bfloat16 ones,
-    and its 10-bit mantissa keeps K/V closer to float32). docs/memory.md has the measurements.
+    auto: the model's dtype when it is 16-bit already; else float16. Every attention path reads K/V as the
+    cache holds them (so a prompt computes the same whether its prefix was cached or not), and float16's
+    10-bit mantissa keeps a float32 model's greedy output equal to float32 KV's where bfloat16's 7 bits do
+    not (tests/engine/test_kv_cache_dtype.py); both take the same bytes. docs/memory.md has the measurements.
     """
     if name != "auto":
         return getattr(torch, name), "set by --kv-cache-dtype"
     if model_dtype in HALF_DTYPES:
         return model_dtype, "auto: the model's dtype"
-    if device.type == "cuda" or cpu_has_native_bf16():
-        return torch.bfloat16, "auto: 16-bit; bfloat16 where the hardware has it"
-    return torch.float16, "auto: 16-bit; float16 as the CPU has no native bfloat16"
+    return torch.float16, "auto: 16-bit; float16 keeps a float32 model's K/V closest"
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -60,6 +60,23 @@ def write_kv(kv_cache: KVCache, slots: torch.Tensor, k: torch.Tensor, v: torch.T
     v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+def stored_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [T, Hkv, D] as a later ``gather_kv`` of their slots will read them: rounded to the cache's type.
+
+    A fresh prompt attends to its own K/V through this, so that it computes exactly what the same prompt
+    computes when its K/V come from the prefix cache or from an earlier chunk: a request's output does not
+    depend on whether its prefix was cached."""
+    if isinstance(kv_cache, Int8KVCache):
+        codes, scales = quantize_kv(k, v)
+        scales = scales.to(dtype)  # [T, Hkv, 2]
+        return _convert(codes[0], dtype) * scales[..., 0:1], _convert(codes[1], dtype) * scales[..., 1:2]
+    cache_dtype = kv_cache[0].dtype
+    if cache_dtype == dtype:
+        return k, v
+    return k.to(cache_dtype).to(dtype), v.to(cache_dtype).to(dtype)
+
+
 def gather_kv(kv_cache: KVCache, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [len(slots), Hkv, D] of the given slots, dequantized to ``dtype``."""
     if isinstance(kv_cache, Int8KVCache):
@@ -288,8 +305,9 @@ class TorchSDPABackend:
     @staticmethod
     def _prefill(q, k, v, kv_cache: KVCache, p: PrefillSlice, scale: float) -> torch.Tensor:
         qh = q.transpose(0, 1)[None]  # [1, H, q, D]
-        if p.gather_index is None:  # fresh K/V in the model dtype, not rounded to the cache's type
-            keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if p.gather_index is None:  # the fresh K/V, as the cache holds them (see stored_kv)
+            keys, values = stored_kv(kv_cache, k, v, q.dtype)
+            keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=p.attn_mask,
                                                  is_causal=p.attn_mask is None, scale=scale, enable_gqa=True)
         else:
