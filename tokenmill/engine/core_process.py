@@ -112,10 +112,13 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
 def _serve(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     parent = multiprocessing.parent_process()
     while True:
+        # orphaned (the API process was killed): nobody will read our outputs. Checked every step, not only
+        # when idle: a busy core would decode its requests to the end, then block once the unread outputs
+        # fill the socket's queue, and never exit (seen with kill -9 under load, scripts/soak.py).
+        if parent is not None and not parent.is_alive():
+            return
         busy = core.has_unfinished()
         if not busy and not inbox.poll(IDLE_POLL_MS):
-            if parent is not None and not parent.is_alive():
-                return  # orphaned: nobody will read our outputs
             continue
         while inbox.poll(0):
             if not _apply(core, receive(inbox), outbox):
