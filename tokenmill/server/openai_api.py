@@ -18,8 +18,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.logprobs import (
+    TokenSpeller,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    join_logprobs,
+    vllm_prompt_logprobs,
+)
 from tokenmill.server.protocol import (
     CHAT_UNSUPPORTED,
     ApiError,
@@ -117,7 +125,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     response = {"id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                 "choices": choices, "usage": _usage(outputs), "system_fingerprint": SYSTEM_FINGERPRINT}
     if body.prompt_logprobs is not None:
-        response["prompt_logprobs"] = _prompt_logprobs(outputs[0])
+        response["prompt_logprobs"] = vllm_prompt_logprobs(outputs[0])
     return JSONResponse(response, headers=timing_headers(outputs))
 
 
@@ -234,7 +242,7 @@ def _admit(state: ServerState, prompts: list[list[int]], max_tokens: int | None,
 
 # -- engine output -> response ----------------------------------------------------------------------
 
-class _Context:
+class _Context(TokenSpeller):
     """Per-response constants: id, created, model name, and how to spell tokens."""
 
     def __init__(self, state: ServerState, body: SamplingFields, prefix: str, tokenizer: Any,
@@ -243,96 +251,18 @@ class _Context:
         self.created = int(time.time())
         self.model = state.served_name(body.model)
         self.n = body.n
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.echo_texts = echo_texts
         self.echo_only = echo_only  # echo with max_tokens 0: the one generated token is dropped
         self.prompt_logprobs = body.prompt_logprobs is not None
         self.tools: ToolPlan | None = None  # chat with tools: answers may be tool calls
 
-    def token_str(self, token_id: int, logprob: Any = None) -> str:
-        if logprob is not None and logprob.decoded_token is not None:
-            return logprob.decoded_token
-        return self.tokenizer.decode([token_id])
-
-    def token_bytes(self, token_id: int) -> list[int]:
-        """The token's own bytes (a byte-level piece of an emoji is one byte, not U+FFFD's three)."""
-        return list(self.tokenizer.token_bytes(token_id))
-
     def echo(self, i: int, out: RequestOutput) -> str:
         if self.echo_texts is None:
             return ""
         text = self.echo_texts[i]
         return text if text is not None else self.tokenizer.decode(out.prompt_token_ids)
-
-
-def _top(position: PositionLogprobs, k: int) -> list[tuple[int, Any]]:
-    """The k most likely entries of one position, best first."""
-    return sorted(position.items(), key=lambda kv: -kv[1].logprob)[:k]
-
-
-def _completion_logprobs(ctx: _Context, token_ids: list[int], positions: list[PositionLogprobs] | None,
-                         k: int, offset: int) -> dict[str, Any] | None:
-    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset."""
-    if positions is None:
-        return None
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token_id, position in zip(token_ids, positions, strict=False):
-        chosen = position.get(token_id)
-        text = ctx.token_str(token_id, chosen)
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob if chosen else None)
-        tops.append({ctx.token_str(t, lp): lp.logprob for t, lp in _top(position, k)})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(ctx: _Context, token_ids: list[int], positions: list[PositionLogprobs] | None,
-                   k: int) -> dict[str, Any] | None:
-    """OpenAI's chat shape: content = [{token, logprob, bytes, top_logprobs}]."""
-    if positions is None:
-        return None
-
-    def entry(token_id: int, lp: Any) -> dict[str, Any]:
-        text = ctx.token_str(token_id, lp)
-        return {"token": text, "logprob": lp.logprob if lp else None, "bytes": ctx.token_bytes(token_id)}
-
-    content = []
-    for token_id, position in zip(token_ids, positions, strict=False):
-        item = entry(token_id, position.get(token_id))
-        item["top_logprobs"] = [entry(t, lp) for t, lp in _top(position, k)]
-        content.append(item)
-    return {"content": content, "refusal": None}
-
-
-def _echo_logprobs(ctx: _Context, out: RequestOutput, k: int) -> dict[str, Any]:
-    """The prompt's part of an echoed choice's logprobs: the first token has none (nothing precedes it)."""
-    positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
-    for token_id, position in zip(out.prompt_token_ids, positions, strict=True):
-        chosen = position.get(token_id) if position else None
-        text = ctx.token_str(token_id, chosen)
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob if chosen else None)
-        tops.append({ctx.token_str(t, lp): lp.logprob for t, lp in _top(position, k)} if position else None)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _join_logprobs(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
-    return first if second is None else {key: first[key] + second[key] for key in first}
-
-
-def _prompt_logprobs(out: RequestOutput) -> list[dict[str, Any] | None] | None:
-    """vLLM's ``prompt_logprobs``: per prompt token, {token id: {logprob, rank, decoded_token}}; None first."""
-    if out.prompt_logprobs is None:
-        return None
-    return [None if position is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
-                                                   "decoded_token": lp.decoded_token}
-                                           for t, lp in position.items()}
-            for position in out.prompt_logprobs]
 
 
 def _completion_choice(ctx: _Context, i: int, out: RequestOutput, c: CompletionOutput,
@@ -343,18 +273,18 @@ def _completion_choice(ctx: _Context, i: int, out: RequestOutput, c: CompletionO
         token_ids, positions, text, finish = [], [], "", "length"
     logprobs = None
     if params.logprobs is not None:
-        logprobs = _completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
+        logprobs = completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
         if ctx.echo_texts is not None:
-            logprobs = _join_logprobs(_echo_logprobs(ctx, out, params.logprobs), logprobs)
+            logprobs = join_logprobs(echo_logprobs(ctx, out, params.logprobs), logprobs)
     choice = {"index": i * ctx.n + c.index, "text": echo + text, "logprobs": logprobs,
               "finish_reason": finish, "stop_reason": None if ctx.echo_only else c.stop_reason}
     if ctx.prompt_logprobs:
-        choice["prompt_logprobs"] = _prompt_logprobs(out)
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(out)
     return choice
 
 
 def _chat_choice(ctx: _Context, c: CompletionOutput, params: SamplingParams) -> dict[str, Any]:
-    logprobs = _chat_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0) \
+    logprobs = chat_logprobs(ctx, c.token_ids, c.logprobs, params.logprobs or 0) \
         if params.logprobs is not None else None
     message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
     finish = c.finish_reason
@@ -443,9 +373,9 @@ def _stream_completion(ctx: _Context, engine: AsyncEngine, streams: list[Any],
                     done.add(key)
                 lps = None
                 if params.logprobs is not None:
-                    lps = _completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
+                    lps = completion_logprobs(ctx, token_ids, positions, params.logprobs, len(echo))
                     if echo:
-                        lps = _join_logprobs(_echo_logprobs(ctx, out, params.logprobs), lps)
+                        lps = join_logprobs(echo_logprobs(ctx, out, params.logprobs), lps)
                 choices.append({"index": i * ctx.n + c.index, "text": text, "logprobs": lps,
                                 "finish_reason": finish})
             if choices:
@@ -476,7 +406,7 @@ def _stream_chat(ctx: _Context, engine: AsyncEngine, streams: list[Any],
                     continue
                 if finish:
                     done.add(c.index)
-                lps = _chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
+                lps = chat_logprobs(ctx, c.delta_token_ids, c.delta_logprobs, params.logprobs or 0) \
                     if params.logprobs is not None and c.delta_token_ids else None
                 delta = {"content": c.delta_text} if c.delta_text or c.delta_token_ids else {}
                 if tool_streams is not None:
