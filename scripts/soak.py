@@ -6,7 +6,8 @@ Starts the server itself (so it can read its memory and kill it), keeps ``--conc
 requests served, client disconnects, 4xx / 5xx / transport errors, the RSS of the server and its engine-core
 process at the start (after a warm-up) and the end, and the KV cache blocks still in use (from /metrics).
 With ``--kill-restart`` it then kills the server with SIGKILL under load, checks that its engine-core process
-goes too, restarts it and reports the seconds until /health answers 200.
+goes too, restarts it and reports the seconds until /health answers 200. SIGINT or SIGUSR1 ends the load early;
+the report then covers the time run.
 
     nice -n 19 .venv/bin/python scripts/soak.py --duration 1800 --json soak.json
 """
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+STOP = {"requested": False}  # SIGINT / SIGUSR1: end the load now and report what was measured
 
 WORDS = ("the engine schedules decodes and prefill chunks under a token budget while the cache hands out "
          "blocks to every sequence that asks and takes them back when a client goes away").split()
@@ -164,7 +167,7 @@ async def load(url: str, concurrency: int, seconds: float, disconnect_rate: floa
     async def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         async with httpx.AsyncClient(timeout=600) as client:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not STOP["requested"]:
                 await one_request(client, url, rng, disconnect_rate, tally)
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -248,6 +251,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("serve_args", nargs="*", help="extra flags for tokenmill serve (after --)")
     args = parser.parse_args()
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: STOP.update(requested=True))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args, port)
@@ -266,7 +271,8 @@ def main() -> int:
         rss_end = tree_rss_mb(proc.pid)
         blocks_total = m.get("tokenmill_kv_cache_tokens", 0) / 16  # default --block-size
         report: dict[str, object] = {
-            "duration_s": round(elapsed), "concurrency": args.concurrency, **asdict(tally),
+            "duration_s": round(elapsed), "stopped_early": STOP["requested"], "concurrency": args.concurrency,
+            **asdict(tally),
             "requests_per_s": round(tally.served / elapsed, 2),
             "rss_mb_start": round(rss_start), "rss_mb_end": round(rss_end),
             "rss_change_pct": round(100 * (rss_end - rss_start) / rss_start, 1),
@@ -276,7 +282,7 @@ def main() -> int:
             "load_average": os.getloadavg(),
         }
         _write(report, args.json)
-        if args.kill_restart:
+        if args.kill_restart and not STOP["requested"]:
             report["kill_restart"] = kill_restart(args, proc, url, port)
             _write(report, args.json)
     finally:
