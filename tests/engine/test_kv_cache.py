@@ -15,6 +15,7 @@ def seq(n_tokens: int, seq_id: int = 0, start: int = 0) -> Sequence:
 def check_accounting(kv: KVCacheManager) -> None:
     assert kv.num_free_blocks + kv.num_cached_free_blocks + kv.num_used_blocks == kv.num_blocks
     assert kv.num_used_blocks == sum(1 for b in range(kv.num_blocks) if kv.ref_count(b) > 0)
+    assert kv.num_shared_blocks == sum(1 for b in range(kv.num_blocks) if kv.ref_count(b) > 1)
 
 
 def compute(kv: KVCacheManager, s: Sequence, num_new: int, cached: list[int] = ()) -> list[BlockCopy] | None:
@@ -64,15 +65,16 @@ def test_fork_shares_blocks_and_copy_on_write_on_partial_last_block():
     kv.fork(parent, child)
     assert kv.block_table(child) == kv.block_table(parent)
     assert all(kv.ref_count(b) == 2 for b in kv.block_table(parent))
-    assert kv.num_used_blocks == 2
+    assert kv.num_used_blocks == 2 and kv.num_shared_blocks == 2
     # the child writes token 6 into the shared partial block 1: it gets a private copy
     copies = kv.allocate_slots(child, 1)
     assert copies == [BlockCopy(kv.block_table(parent)[1], kv.block_table(child)[1])]
     assert kv.block_table(child)[0] == kv.block_table(parent)[0]  # full block still shared
+    assert kv.num_shared_blocks == 1
     # the parent is now the only owner of its block: it writes in place
     assert kv.allocate_slots(parent, 1) == []
     kv.free(parent)
-    assert kv.ref_count(kv.block_table(child)[0]) == 1
+    assert kv.ref_count(kv.block_table(child)[0]) == 1 and kv.num_shared_blocks == 0
     kv.free(child)
     assert kv.num_used_blocks == 0
     check_accounting(kv)

@@ -79,6 +79,7 @@ class EngineStats:
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of those, tokens found (their KV reused, not recomputed)
     kv_blocks_cached_free: int = 0  # unused blocks still holding a cached prefix (reusable, evictable)
+    kv_blocks_shared: int = 0  # used blocks held by more than one sequence (prefix-cache hits, forks)
     requests_received_total: int = 0  # requests the scheduler has taken in (the rest are still in the inbox)
     spec_decode_drafts_total: int = 0  # sequence-steps verified with draft tokens (speculative decoding)
     spec_decode_draft_tokens_total: int = 0  # draft tokens verified
@@ -206,7 +207,8 @@ class EngineCore:
             prompt_tokens_total=c.prompt_tokens, generation_tokens_total=c.generation_tokens,
             tokens_prefilled_last_step=c.last_step_prefill_tokens, tokens_decoded_last_step=c.last_step_decode_tokens,
             prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
-            kv_blocks_cached_free=kv.num_cached_free_blocks, requests_received_total=self._num_received,
+            kv_blocks_cached_free=kv.num_cached_free_blocks, kv_blocks_shared=kv.num_shared_blocks,
+            requests_received_total=self._num_received,
             spec_decode_drafts_total=c.spec_drafts, spec_decode_draft_tokens_total=c.spec_draft_tokens,
             spec_decode_accepted_tokens_total=c.spec_accepted_tokens,
             kv_cache_bytes=self.info.kv_cache_bytes, kv_cache_tokens=self.info.kv_cache_tokens)

@@ -45,6 +45,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._refs = [0] * num_blocks
+        self._num_shared = 0  # blocks with more than one reference (a prefix-cache hit, forked samples/beams)
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached-free blocks, least recently used first
         self._block_hash: list[bytes | None] = [None] * num_blocks
@@ -67,6 +68,11 @@ class KVCacheManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free) - len(self._evictable)
+
+    @property
+    def num_shared_blocks(self) -> int:
+        """Used blocks that more than one sequence holds (a cached prefix in use twice, forked samples or beams)."""
+        return self._num_shared
 
     @property
     def num_available_blocks(self) -> int:
@@ -125,7 +131,7 @@ class KVCacheManager:
         copies = []
         for index in shared:
             old, new = table[index], self._take()
-            self._refs[old] -= 1
+            self._add_ref(old, -1)
             table[index] = new
             copies.append(BlockCopy(old, new))
         for _ in range(grow):
@@ -149,7 +155,7 @@ class KVCacheManager:
         self.free(child)
         table = list(self._tables.get(parent.seq_id, []))
         for block in table:
-            self._refs[block] += 1
+            self._add_ref(block, 1)
         self._tables[child.seq_id] = table
         if parent.seq_id in self._seq_hashes:
             self._seq_hashes[child.seq_id] = list(self._seq_hashes[parent.seq_id])
@@ -208,10 +214,16 @@ class KVCacheManager:
     def _ref(self, block: int) -> None:
         if self._refs[block] == 0:
             del self._evictable[block]
-        self._refs[block] += 1
+        self._add_ref(block, 1)
+
+    def _add_ref(self, block: int, delta: int) -> None:
+        """Change a block's reference count by +1 or -1, keeping the count of shared blocks."""
+        before = self._refs[block]
+        self._refs[block] = before + delta
+        self._num_shared += (before + delta > 1) - (before > 1)
 
     def _release(self, block: int) -> None:
-        self._refs[block] -= 1
+        self._add_ref(block, -1)
         if self._refs[block] == 0:
             if self._block_hash[block] is not None:
                 self._evictable[block] = None  # most recently used end

@@ -41,6 +41,7 @@ class Sample:
     kv_used: int
     kv_cached_free: int  # unused blocks that still hold a cached prefix (reusable by the next request)
     kv_total: int
+    kv_shared: int  # of the used blocks, those several sequences hold at once (prefix caching, forks)
     prompt_tokens: int  # totals since the engine started
     generation_tokens: int
     prefix_cache_queries: int
@@ -111,9 +112,9 @@ def take_sample(engine: Any, metrics: Any) -> Sample:
     _, ttft = bucket_counts(metrics.ttft)
     _, tpot = bucket_counts(metrics.tpot)
     if stats is None:  # no step yet: an empty cache
-        return Sample(time.time(), 0, engine.num_waiting(), 0, 0, engine.info.num_blocks, 0, 0, 0, 0, ttft, tpot)
+        return Sample(time.time(), 0, engine.num_waiting(), 0, 0, engine.info.num_blocks, 0, 0, 0, 0, 0, ttft, tpot)
     return Sample(time.time(), stats.num_running, stats.num_waiting, stats.kv_blocks_used, stats.kv_blocks_cached_free,
-                  stats.kv_blocks_total, stats.prompt_tokens_total, stats.generation_tokens_total,
+                  stats.kv_blocks_total, stats.kv_blocks_shared, stats.prompt_tokens_total, stats.generation_tokens_total,
                   stats.prefix_cache_queries_total, stats.prefix_cache_hits_total, ttft, tpot)
 
 
@@ -136,7 +137,7 @@ async def live(request: Request, model: str | None = Query(None),
 
 def _gauges(s: Sample) -> dict[str, Any]:
     return {"t": s.t, "running": s.running, "waiting": s.waiting, "kv_used": s.kv_used, "kv_cached": s.kv_cached_free,
-            "kv_free": s.kv_total - s.kv_used - s.kv_cached_free, "kv_total": s.kv_total,
+            "kv_free": s.kv_total - s.kv_used - s.kv_cached_free, "kv_total": s.kv_total, "kv_shared": s.kv_shared,
             "prefix_cache_hit_rate": s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else None}
 
 

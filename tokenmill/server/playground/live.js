@@ -65,7 +65,7 @@ function drawLive(data) {
   };
   $("live-kv").replaceChildren(el("div", { class: "bar3" }, part("used", c.kv_used, "used"),
     part("cached", c.kv_cached, "cached prefix (reusable)"), part("free", c.kv_free, "free")),
-  el("div", { class: "kvlegend" }, el("span", { class: "key used", text: `▮ used ${c.kv_used}` }),
+  el("div", { class: "kvlegend" }, el("span", { class: "key used", text: `▮ used ${c.kv_used} (shared by several requests: ${c.kv_shared})` }),
     el("span", { class: "key cached", text: `▨ cached prefixes, reusable ${c.kv_cached}` }),
     el("span", { class: "key free", text: `▯ free ${c.kv_free}` }),
     el("span", { class: "muted", text: `of ${c.kv_total} blocks (${data.block_size} tokens each)` })));
@@ -79,7 +79,8 @@ function drawLive(data) {
     lineChart({ ...opts, id: "live-chart-requests", title: "Requests", yLabel: "requests",
       series: [series("running", "running"), series("waiting", "waiting", "alt")], fmtY: (v) => v.toFixed(0) }),
     lineChart({ ...opts, id: "live-chart-kv", title: "KV cache blocks", yLabel: "blocks", yMax: c.kv_total,
-      series: [series("kv_used", "used"), series("kv_cached", "cached prefixes", "alt")], fmtY: (v) => v.toFixed(0) }),
+      series: [series("kv_used", "used"), series("kv_shared", "shared (used by several)", "alt"),
+        series("kv_cached", "cached prefixes", "alt")], fmtY: (v) => v.toFixed(0) }),
     lineChart({ ...opts, id: "live-chart-tps", title: "Throughput", yLabel: "tokens/s",
       series: [series("tokens_per_s", "generated tokens/s"), series("prompt_tokens_per_s", "prompt tokens/s", "alt")],
       fmtY: (v) => v.toFixed(0) }),
