@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -99,6 +100,7 @@ def create_app(engine: Engine | list[Engine], api_key: str | None = None,
     _include_playground_router(app, playground_tokenizers or [])
     # Last: a mount at "/" would shadow any route added after it.
     app.mount("/", _PlaygroundFiles(directory=PLAYGROUND_DIR, html=True, check_dir=False), name="playground")
+    app.openapi = lambda: _openapi_schema(app)
     return app
 
 
@@ -201,6 +203,37 @@ class _PlaygroundFiles(StaticFiles):
 
 
 # -- auth and errors --------------------------------------------------------------------------------
+
+# What /openapi.json documents for every operation: the statuses the server sends for errors, in its one shape.
+_ERROR_RESPONSES = {
+    "400": "invalid request: the message names the field, and so does `param`",
+    "401": "the API key is missing or wrong (with --api-key)",
+    "404": "a model this server does not serve",
+    "413": "the body is larger than --max-request-bytes",
+    "429": "the waiting queue is full; retry after the Retry-After header's seconds",
+    "503": "the model is loading, failed to load, or the engine is shutting down",
+}
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the errors as sent: validation errors are 400 in OpenAI's shape (FastAPI would
+    document a 422 with its own shape), plus the other error statuses every route may answer."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status, description in _ERROR_RESPONSES.items():
+                    responses.setdefault(status, {"description": description, "content": error})
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 class _AuthMiddleware:
     """401 for a missing or wrong bearer token when an API key is set (pure ASGI: streams untouched)."""
@@ -372,7 +405,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests allowed to wait for each engine; more get 429")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
-                   help=f"largest request body accepted; larger ones get 413 unread (default {DEFAULT_MAX_REQUEST_BYTES})")
+                   help="largest request body accepted; larger ones get 413 unread")
     g.add_argument("--protect-metrics", action="store_true",
                    help="with --api-key, /metrics needs the key too (default: open, like /health, for Prometheus)")
     g.add_argument("models", nargs="*", metavar="MODEL", default=[],
