@@ -295,6 +295,7 @@ def test_draft_model_sampling_keeps_the_target_distribution(tiny_hf_model):
     target = tiny_hf_model(vocab_size=vocab)
     draft = tiny_hf_model(vocab_size=vocab, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
     llm = LLM(str(target), dtype="float32", max_model_len=64, max_num_seqs=512, max_num_batched_tokens=4096,
+              kv_cache_dtype="float32",  # compared with transformers' float32 distribution
               speculative_config={"model": str(draft), "num_speculative_tokens": 3,
                                   "disable_by_batch_size": 10_000})
     prompt = [5, 9, 17, 3, 22]

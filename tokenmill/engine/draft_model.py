@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.kv_cache import KVCacheTensors
+from tokenmill.engine.kv_cache import KVCacheTensors, resolve_kv_cache_dtype
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Sequence
 from tokenmill.engine.sampler import (
@@ -74,7 +74,9 @@ class DraftModelProposer:
             raise ValueError(f"speculative_config: the draft model {spec.model!r} does not share the tokenizer "
                              f"of the target model {target.name!r} ({draft.tokenizer.vocab_size} vs "
                              f"{target.tokenizer.vocab_size} tokens, or different ids for them)")
-        cache = KVCacheTensors(draft.config, num_blocks, config.block_size, dtype, device)
+        # the target's number of blocks, in the target's KV type (sized for it by the engine)
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)[0]
+        cache = KVCacheTensors(draft.config, num_blocks, config.block_size, kv_dtype, device)
         eos = sorted(set(target.config.eos_token_ids) | set(target.tokenizer.eos_token_ids))
         return cls(draft.model, cache, KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False),
                    spec.num_speculative_tokens, target.config.vocab_size, eos, device)
