@@ -142,3 +142,17 @@ def test_bad_input_gets_a_400_naming_the_field(server, path, body, param, messag
     error = r.json()["error"]
     assert error["param"] == param
     assert message in error["message"]
+
+
+def test_playground_steps_mark_the_tokens_the_grammar_masked(server):
+    body = {"prompt": "What year did the war end?", "max_tokens": 6, "temperature": 0, "top_n": 8,
+            "structured_outputs": {"regex": r"(19|20)\d\d"}}
+    with httpx.stream("POST", f"{server.url}/v1/playground/steps", json=body, timeout=300) as resp:
+        assert resp.status_code == 200
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    tokens = [e for e in events if e["type"] == "token"]
+    assert re.fullmatch(r"(19|20)\d\d", "".join(e["text"] for e in tokens))
+    for e in tokens:
+        assert 0 < e["grammar_allowed"] < 1000
+        assert not next(c for c in e["raw_top"] if c["id"] == e["id"])["masked"]
+    assert any(c["masked"] for e in tokens for c in e["raw_top"])  # the model wanted words, not digits

@@ -26,6 +26,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
+from tokenmill.engine.core import grammar_compiler_for
+from tokenmill.engine.structured_output import Grammar, is_allowed, num_allowed
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.server import playground_context, playground_live
 from tokenmill.server.playground_tokenizers import FileTokenizer, load_playground_tokenizers
@@ -34,6 +36,7 @@ from tokenmill.server.serving import (
     add_requests,
     check_admission,
     check_context,
+    check_structured_outputs,
     get_state,
     merge_streams,
     run_to_end,
@@ -185,13 +188,17 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
     text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
     ids = encode_prompt(llm.tokenizer, text, body.chat_template)
     check_context(engine, len(ids), params.max_tokens, "max_tokens")
+    await check_structured_outputs(engine, params, "structured_outputs")
+    # the page shows what the grammar masked: a copy of it here follows the tokens the engine picks
+    grammar = grammar_compiler_for(llm).grammar(params.structured_outputs) if params.structured_outputs else None
     streams = await add_requests(engine, [ids], params, [text])
     start = {"type": "start", "model": state.served_name(body.model), "prompt_text": text, "prompt_token_ids": ids,
              "prompt_tokens": llm.tokenizer.convert_ids_to_tokens(ids)}
-    return StreamingResponse(_step_events(engine, streams, start), media_type="text/event-stream")
+    return StreamingResponse(_step_events(engine, streams, start, grammar), media_type="text/event-stream")
 
 
-async def _step_events(engine: Any, streams: list, start: dict[str, Any]) -> AsyncIterator[str]:
+async def _step_events(engine: Any, streams: list, start: dict[str, Any],
+                       grammar: Grammar | None = None) -> AsyncIterator[str]:
     llm = engine.info
     yield sse(start)
     num_seen = 0
@@ -200,6 +207,8 @@ async def _step_events(engine: Any, streams: list, start: dict[str, Any]) -> Asy
             c = out.outputs[0]
             for j, token in enumerate(c.delta_token_ids):
                 event = _token_event(llm.tokenizer, c, num_seen + j, token, j, out.metrics)
+                if grammar is not None:
+                    _mark_masked(event, grammar, token)
                 if j == len(c.delta_token_ids) - 1:
                     event["delta_text"] = c.delta_text  # text released this step (stop strings held back)
                 yield sse(event)
@@ -227,6 +236,16 @@ def _token_event(tokenizer: Any, c: CompletionOutput, index: int, token: int, j:
             "logprob": chosen.logprob if chosen else None, "rank": chosen.rank if chosen else None,
             "raw_top": raw_top, "processed_top": after, "metrics": _metrics(metrics),
             "drafted": index < len(c.drafted) and c.drafted[index]}
+
+
+def _mark_masked(event: dict[str, Any], grammar: Grammar, token: int) -> None:
+    """What the grammar allowed at this step: ``masked`` on each raw candidate it forbade, and how many
+    tokens it allowed; then the grammar takes the chosen token."""
+    row = grammar.bitmask([])[0]
+    for candidate in event["raw_top"]:
+        candidate["masked"] = not is_allowed(row, candidate["id"])
+    event["grammar_allowed"] = num_allowed(row)
+    grammar.accept(token)
 
 
 def _raw_candidates(raw: dict[int, Logprob], token: int) -> list[dict[str, Any]]:

@@ -414,12 +414,15 @@ class StepsRequest(PromptFields, SamplingControls):
     max_tokens: int = 32
     temperature: float = 0.7  # the page's default: sampled, so the processed distribution shows
     top_n: int = 10  # candidates per step, in [1, MAX_LOGPROBS]
+    # a constraint ({"json" | "regex" | "choice" | "grammar": ...}): each step shows what it masked
+    structured_outputs: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if not 1 <= self.top_n <= MAX_LOGPROBS:
             raise ApiError(400, f"top_n must be in [1, {MAX_LOGPROBS}], got {self.top_n}", param="top_n")
         return make_sampling_params({"logprobs": "top_n"}, max_tokens=self.max_tokens, logprobs=self.top_n,
-                                    return_processed_topk=self.top_n, **self.controls())
+                                    return_processed_topk=self.top_n, **self.controls(),
+                                    **_given(structured_outputs=self.structured_outputs))
 
 
 class BeamRequest(PromptFields):

@@ -185,6 +185,10 @@ function stepsBody() {
     body[f] = number("steps-" + f);
   }
   for (const f of ["top_k", "max_tokens", "top_n", "seed"]) body[f] = number("steps-" + f);
+  const constraint = $("steps-constraint").value.trim();  // structured output: a JSON schema or a regex
+  if (constraint) {
+    body.structured_outputs = constraint.startsWith("{") ? { json: constraint } : { regex: constraint };
+  }
   for (const [k, v] of Object.entries(body)) if (v === null) delete body[k];
   return body;
 }
@@ -198,9 +202,10 @@ function candidateRows(title, cands, chosenId) {
   for (const c of cands) {
     const bar = el("div", { class: "bar" }, el("span"));
     bar.firstChild.style.width = Math.max(0.5, 100 * c.prob).toFixed(1) + "%";
-    const row = el("div", { class: "cand" + (c.id === chosenId ? " chosen" : "") },
+    const row = el("div", { class: "cand" + (c.id === chosenId ? " chosen" : "") + (c.masked ? " masked" : "") },
       el("span", { class: "t", text: visible(c.text) }), bar, el("span", { class: "p", text: fmtPct(c.prob) }));
-    row.title = `id ${c.id}` + (c.logprob !== undefined ? `  logprob ${c.logprob.toFixed(3)}` : "");
+    row.title = `id ${c.id}` + (c.logprob !== undefined ? `  logprob ${c.logprob.toFixed(3)}` : "") +
+      (c.masked ? "  (masked by the grammar)" : "");
     box.append(row);
   }
   return box;
@@ -211,6 +216,7 @@ function stepRow(ev) {
     el("span", { class: "idx", text: "#" + (ev.index + 1) }),
     el("div", {}, el("span", { class: "chosen-tok", text: visible(ev.text) }),
       el("div", { class: "muted", text: ev.rank ? `raw rank ${ev.rank}` : "" }),
+      ev.grammar_allowed != null ? el("div", { class: "muted", text: `grammar allows ${ev.grammar_allowed} tokens` }) : "",
       ev.drafted ? el("div", { class: "drafted-note", text: "drafted, accepted" }) : ""),
     candidateRows("raw model distribution", ev.raw_top, ev.id),
     candidateRows("after the sampling controls", ev.processed_top, ev.id));
