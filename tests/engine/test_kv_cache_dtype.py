@@ -12,7 +12,6 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.offline import kv_cache_info
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.engine import kv_cache
 from tokenmill.engine.kv_cache import KVCacheTensors, bytes_per_token, resolve_kv_cache_dtype
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.model.attention import AttentionMetadata, Int8KVCache, SeqSlice, TorchSDPABackend, quantize_kv
