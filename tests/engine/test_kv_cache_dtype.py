@@ -50,8 +50,8 @@ def test_auto_is_16_bit_and_says_why():
     cpu = torch.device("cpu")
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, cpu)[0] == torch.bfloat16
     assert resolve_kv_cache_dtype("auto", torch.float16, cpu)[0] == torch.float16
-    dtype, why = resolve_kv_cache_dtype("auto", torch.float32, cpu)  # float32 model: float16, any CPU
-    assert dtype == torch.float16 and "float16" in why
+    dtype, why = resolve_kv_cache_dtype("auto", torch.float32, cpu)  # float32 model: bfloat16, any CPU
+    assert dtype == torch.bfloat16 and "bfloat16" in why
     assert resolve_kv_cache_dtype("int8", torch.float32, cpu) == (torch.int8, "set by --kv-cache-dtype")
 
 
@@ -127,7 +127,7 @@ def test_16_bit_cache_keeps_greedy_output_and_logprobs(float32_run, kv_dtype):
     ref_tokens, ref_logprobs, _ = float32_run
     tokens, logprobs, _, llm = _greedy_and_perplexity(kv_dtype, perplexity=False)
     assert llm.engine.info.kv_cache_dtype == DTYPES[kv_dtype]
-    if kv_dtype == "float16":  # auto's choice: all 5 golden prompts keep their first 16 tokens
+    if kv_dtype == "float16":  # its 10-bit mantissa: all 5 golden prompts keep their first 16 tokens
         assert all(a[:16] == b[:16] for a, b in zip(tokens, ref_tokens, strict=True))
     # bfloat16's 7-bit mantissa turns one prompt's 9th token (measured), as every path reads rounded K/V
     assert sum(a == b for a, b in zip(tokens, ref_tokens, strict=True)) >= 4

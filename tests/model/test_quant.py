@@ -165,7 +165,8 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "What
 def _run(mode: str) -> tuple[list[list[int]], float, str]:
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(quantization=mode, dtype="float32", max_num_seqs=8, kv_cache_memory_gb=0.05)
+    # float32 KV: this test is about the weight formats (the KV types have tests/engine/test_kv_cache_dtype.py)
+    llm = LLM(quantization=mode, dtype="float32", max_num_seqs=8, kv_cache_memory_gb=0.05, kv_cache_dtype="float32")
     greedy = SamplingParams(temperature=0, max_tokens=24)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], greedy)
     ids = llm.get_tokenizer().encode(PARAGRAPH)

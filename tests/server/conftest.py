@@ -29,8 +29,10 @@ from tokenmill.server.app import create_app
 # between batch compositions (chunked prefill, padding of the decode batch) can move a logit by
 # ~1e-3 and, now and then, a sampled token; the tests that compare seeded runs made in different
 # batches need the float32 path, whose differences stay ~1e-7.
+# float32 KV: a prefix-cache hit then rounds exactly like a fresh prompt, so repeated seeded requests repeat
+# (a 16-bit cache needs --batch-invariant for that: docs/determinism.md); the default KV type is tested elsewhere
 ENGINE = EngineConfig(max_model_len=512, max_num_seqs=8, kv_cache_memory_gb=0.1, seed=0,
-                      dtype="float32", quantization="none")
+                      dtype="float32", quantization="none", kv_cache_dtype="float32")
 LOAD_TIMEOUT_S = 600  # the model loads in seconds, but the test machine's 2 cores are shared
 
 

@@ -74,16 +74,16 @@ class KVCacheTensors:
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
     """The cache's element type for ``--kv-cache-dtype name`` and why (for the start-up log line).
 
-    auto: the model's dtype when it is 16-bit already; else float16. Every attention path reads K/V as the
-    cache holds them (so a prompt computes the same whether its prefix was cached or not), and float16's
-    10-bit mantissa keeps a float32 model's greedy output equal to float32 KV's where bfloat16's 7 bits do
-    not (tests/engine/test_kv_cache_dtype.py); both take the same bytes. docs/memory.md has the measurements.
+    auto: the model's dtype when it is 16-bit already; else bfloat16, which keeps float32's range. float16's
+    10-bit mantissa is closer to float32 on the golden prompts, but its range is not: with the default model's
+    packed int4 weights alone (``--quantization int4``) its K/V turned "Paris" into nonsense, where bfloat16 and
+    float32 answer "Paris". docs/memory.md has the measurements.
     """
     if name != "auto":
         return getattr(torch, name), "set by --kv-cache-dtype"
     if model_dtype in HALF_DTYPES:
         return model_dtype, "auto: the model's dtype"
-    return torch.float16, "auto: 16-bit; float16 keeps a float32 model's K/V closest"
+    return torch.bfloat16, "auto: 16-bit; bfloat16 keeps float32's range"
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
