@@ -185,12 +185,12 @@ def tiny_target(tiny_hf_model):
 
 @pytest.fixture(scope="module")
 def plain_tiny(tiny_target):
-    return LLM(tiny_target, dtype="float32", max_model_len=256)
+    return LLM(tiny_target, dtype="float32", kv_cache_dtype="float32", max_model_len=256)
 
 
 @pytest.fixture(scope="module")
 def ngram_tiny(tiny_target):
-    return LLM(tiny_target, dtype="float32", max_model_len=256,
+    return LLM(tiny_target, dtype="float32", kv_cache_dtype="float32", max_model_len=256,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
                                    "disable_by_batch_size": 16})
 
@@ -220,7 +220,7 @@ def test_ngram_mixed_batch_equals_each_request_alone_without_speculation(plain_t
 @pytest.fixture(scope="module")
 def draft_tiny(tiny_target, tiny_hf_model):
     draft = str(tiny_hf_model(num_hidden_layers=1, hidden_size=32, intermediate_size=64))
-    return LLM(tiny_target, dtype="float32", max_model_len=256,
+    return LLM(tiny_target, dtype="float32", kv_cache_dtype="float32", max_model_len=256,
                speculative_config={"model": draft, "num_speculative_tokens": 3, "disable_by_batch_size": 16})
 
 
@@ -281,7 +281,7 @@ def test_draft_model_with_another_tokenizer_is_refused(tiny_target, tiny_hf_mode
     tok.add_tokens(["<an-extra-token>"])
     tok.save(str(draft / "tokenizer.json"))
     with pytest.raises(ValueError, match="does not share the tokenizer"):
-        LLM(tiny_target, dtype="float32", max_model_len=256, speculative_config={"model": str(draft)})
+        LLM(tiny_target, dtype="float32", kv_cache_dtype="float32", max_model_len=256, speculative_config={"model": str(draft)})
 
 
 def test_draft_model_sampling_keeps_the_target_distribution(tiny_hf_model):
@@ -348,7 +348,7 @@ def default_prompts(default_model_path):
 
 @pytest.fixture(scope="module")
 def default_plain(default_prompts):
-    llm = LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1)
+    llm = LLM(dtype="float32", kv_cache_dtype="float32", quantization="none", kv_cache_memory_gb=0.1)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     return outputs(llm.generate(default_prompts, params, use_tqdm=False))
 
@@ -360,7 +360,7 @@ def test_default_model_greedy_speculation_is_token_identical(method, default_pro
     as its own draft proposes exactly what the target picks: every draft is accepted."""
     spec = {"method": "ngram", "disable_by_batch_size": 8} if method == "ngram" else \
         {"model": str(default_model_path), "num_speculative_tokens": 3, "disable_by_batch_size": 8}
-    llm = LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, speculative_config=spec)
+    llm = LLM(dtype="float32", kv_cache_dtype="float32", quantization="none", kv_cache_memory_gb=0.1, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     assert outputs(llm.generate(default_prompts, params, use_tqdm=False)) == default_plain
     stats = llm.engine.stats()
