@@ -39,7 +39,7 @@ PROMPTS = ["Give me a JSON record.", "Describe a user as JSON.", "Answer in JSON
 def llm():
     # float32 weights: the int4 kernels round activations to bf16, so a batch's composition can move a
     # sampled token of an unconstrained request now and then (tests/server/conftest.py says more)
-    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1)
+    return LLM(dtype="float32", quantization="none", kv_cache_memory_gb=0.1, kv_cache_dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -118,8 +118,10 @@ def test_openai_models_retrieve_by_name_and_alias(client):
     assert r.model == "tiny"
 
 
-def test_huggingface_hub_inference_client(tiny):
-    from huggingface_hub import InferenceClient
+def test_huggingface_hub_inference_client(tiny, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # another test's offline mode must not block loopback
 
     hf = InferenceClient(base_url=tiny.url)
     chat = hf.chat_completion(MESSAGES, max_tokens=3)  # sends the placeholder model name "dummy"

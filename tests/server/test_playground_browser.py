@@ -245,7 +245,7 @@ def test_context_view_plots_measured_points_and_kv_bytes_per_token(page, default
 def test_live_view_counts_running_streams_up_and_back_to_zero(page, serve_url, tmp_path):
     page.click("#tab-live")
     page.wait_for_function("document.querySelector('#live-running').textContent === '0'")
-    body = {"prompt": "Count from one to one hundred:", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    body = {"prompt": "Count from one to one hundred:", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
     threads = [threading.Thread(target=httpx.post, args=(f"{serve_url}/v1/completions",),
                                 kwargs={"json": body, "timeout": LOAD_TIMEOUT_S}) for _ in range(4)]
     for t in threads:

@@ -173,7 +173,7 @@ def test_live_counts_running_requests_tokens_per_second_and_latencies(views_serv
     first = get(views_server, "/v1/playground/live").json()
     assert first["current"]["running"] == 0 and first["current"]["kv_total"] == views_server.engine.info.num_blocks
     seen: list[int] = []
-    body = {"prompt": "one two three", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    body = {"prompt": "one two three", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
     threads = [threading.Thread(target=post, args=(views_server, "/v1/completions", body)) for _ in range(4)]
     for t in threads:
         t.start()
