@@ -89,15 +89,21 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-@pytest.fixture
-def page(browser, serve_url) -> Iterator[object]:
-    """A fresh page on the playground; fails the test if the console logged any error."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+def _open(browser, serve_url: str, width: int, height: int) -> tuple[object, object, list[str]]:
+    """(context, page, console errors so far) of the playground opened at a viewport of width x height."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.goto(serve_url + "/")
+    return context, pg, errors
+
+
+@pytest.fixture
+def page(browser, serve_url) -> Iterator[object]:
+    """A fresh page on the playground; fails the test if the console logged any error."""
+    context, pg, errors = _open(browser, serve_url, 1280, 900)
     yield pg
     context.close()
     assert errors == [], f"console errors: {errors}"
@@ -261,12 +267,7 @@ def test_live_view_counts_running_streams_up_and_back_to_zero(page, serve_url, t
 
 
 def test_every_view_fits_a_phone_and_the_tabs_follow_the_keyboard(browser, serve_url, tmp_path):
-    context = browser.new_context(viewport={"width": 390, "height": 844})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(serve_url + "/")
+    context, pg, errors = _open(browser, serve_url, 390, 844)
     pg.wait_for_selector("#tok-tokens .tok")
     pg.focus("#tab-tokenizer")
     for view in ["compare", "steps", "beam", "context", "live"]:
