@@ -117,9 +117,9 @@ def test_unsupported_gguf_tensor_type_raises(tmp_path):
 
 
 def test_hub_id_offline_raises(monkeypatch):
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="cannot download model 'nobody-xyz/no-such-model'"):
         resolve_model("nobody-xyz/no-such-model")
 

@@ -120,14 +120,21 @@ def test_openai_models_retrieve_by_name_and_alias(client):
 
 def test_huggingface_hub_inference_client(tiny, monkeypatch):
     from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.utils import reset_sessions
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # another test's offline mode must not block loopback
-
-    hf = InferenceClient(base_url=tiny.url)
-    chat = hf.chat_completion(MESSAGES, max_tokens=3)  # sends the placeholder model name "dummy"
-    assert chat.choices[0].finish_reason == "length" and chat.model == "tiny"
-    text = hf.text_generation("Hello there", max_new_tokens=3, details=True)
-    assert text.details.generated_tokens == 3 and text.generated_text
+    # Offline mode (set by CI's environment or another test) must not block loopback. huggingface_hub caches
+    # its HTTP session with the offline adapter mounted, so drop the cached sessions on the way in and out.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    reset_sessions()
+    try:
+        hf = InferenceClient(base_url=tiny.url)
+        chat = hf.chat_completion(MESSAGES, max_tokens=3)  # sends the placeholder model name "dummy"
+        assert chat.choices[0].finish_reason == "length" and chat.model == "tiny"
+        text = hf.text_generation("Hello there", max_new_tokens=3, details=True)
+        assert text.details.generated_tokens == 3 and text.generated_text
+    finally:
+        monkeypatch.undo()
+        reset_sessions()
 
 
 def test_text_generation_client_chat_sends_nulls_and_tgi_name(tiny):
