@@ -201,3 +201,24 @@ def test_a_10_mb_body_stalls_neither_health_nor_streams(server, serve_app):
     during = [t for t in chunk_times if start < t < end]
     assert len(during) >= 2, (len(chunk_times), end - start)
 
+
+
+def test_playground_tokenize_of_a_long_text_does_not_stall_health(server, serve_app):
+    running = serve_app(create_app(server.engine))
+    body = {"text": "lorem ipsum dolor sit amet, " * 40_000}  # 1.1 MB: the per-token view takes seconds
+    result: dict[str, object] = {}
+
+    def post() -> None:
+        r = httpx.post(running.url + "/v1/tokenize", json=body, timeout=600)
+        result["status"], result["count"] = r.status_code, r.json().get("count")
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    health_latencies = []
+    while poster.is_alive():
+        t = time.monotonic()
+        assert httpx.get(running.url + "/health", timeout=30).status_code == 200
+        health_latencies.append(time.monotonic() - t)
+        time.sleep(0.05)
+    assert result["status"] == 200 and result["count"] > 100_000
+    assert len(health_latencies) >= 3 and max(health_latencies) < 2.0, health_latencies

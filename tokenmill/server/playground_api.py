@@ -39,6 +39,7 @@ from tokenmill.server.serving import (
     check_structured_outputs,
     get_state,
     merge_streams,
+    off_loop,
     run_to_end,
     sse,
 )
@@ -101,6 +102,12 @@ def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=not chat_template)
 
 
+def render_and_encode(tokenizer: Any, prompt: str, chat_template: bool, system: str | None) -> tuple[str, list[int]]:
+    """(prompt_text, its token ids): the CPU work of a playground request, run through ``off_loop``."""
+    text = prompt_text(tokenizer, prompt, chat_template, system)
+    return text, encode_prompt(tokenizer, text, chat_template)
+
+
 @router.get("/v1/playground/tokenizers")
 async def list_tokenizers(request: Request) -> dict[str, Any]:
     """Every tokenizer /v1/tokenize accepts in ``tokenizer``: the served models' (``loaded`` false while
@@ -144,6 +151,12 @@ def pick_tokenizer(request: Request, model: str | None, tokenizer: str | None) -
 async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[str, Any]:
     """Split text into tokens: ids, token strings, per-token text and character spans."""
     name, tokenizer = pick_tokenizer(request, body.model, body.tokenizer)
+    # off the event loop: a long text takes a while to split, and /health and open streams must not wait
+    return {"model": name, **await off_loop(tokenize_view, tokenizer, body)}
+
+
+def tokenize_view(tokenizer: Any, body: PlaygroundTokenizeRequest) -> dict[str, Any]:
+    """The /v1/tokenize answer but its model name: tokens with their strings, text pieces and spans."""
     try:
         text = prompt_text(tokenizer, body.text, body.chat_template, add_generation_prompt=body.add_generation_prompt)
     except ValueError as exc:  # e.g. a tokenizer.json without a chat template
@@ -156,7 +169,7 @@ async def tokenize(body: PlaygroundTokenizeRequest, request: Request) -> dict[st
                "added": added}
               for tid, string, (piece, start, end), (source, added) in zip(ids, strings, pieces, sources, strict=True)]
     decoded = "".join(p for p, _, _ in pieces)
-    return {"model": name, "text": decoded, "prompt_text": text, "count": len(ids), "num_chars": len(decoded),
+    return {"text": decoded, "prompt_text": text, "count": len(ids), "num_chars": len(decoded),
             "chars_per_token": len(decoded) / len(ids) if ids else 0.0, "tokens": tokens}
 
 
@@ -185,8 +198,7 @@ async def steps(body: StepsRequest, request: Request) -> StreamingResponse:
     params = body.to_sampling_params()
     engine = check_admission(state, 1, body.model)
     llm = engine.info
-    text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
-    ids = encode_prompt(llm.tokenizer, text, body.chat_template)
+    text, ids = await off_loop(render_and_encode, llm.tokenizer, body.prompt, body.chat_template, body.system)
     check_context(engine, len(ids), params.max_tokens, "max_tokens")
     await check_structured_outputs(engine, params, "structured_outputs")
     # the page shows what the grammar masked: a copy of it here follows the tokens the engine picks
@@ -301,8 +313,7 @@ async def beam(body: BeamRequest, request: Request) -> dict[str, Any]:
     params = body.to_sampling_params()
     engine = check_admission(state, 1, body.model)
     llm = engine.info
-    text = prompt_text(llm.tokenizer, body.prompt, body.chat_template, body.system)
-    ids = encode_prompt(llm.tokenizer, text, body.chat_template)
+    text, ids = await off_loop(render_and_encode, llm.tokenizer, body.prompt, body.chat_template, body.system)
     check_context(engine, len(ids), params.max_tokens, "max_tokens")
     streams = await add_requests(engine, [ids], params, [text])
     (out,) = await run_to_end(request, engine, streams)
