@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,26 @@ def tree_rss_mb(pid: int) -> float:
         except (OSError, StopIteration):
             continue
     return total / 1024
+
+
+def rss_by_process_mb(pid: int) -> dict[str, float]:
+    """RSS in MB of the server (``server``) and each process below it (``core``, or ``pid N``)."""
+    out: dict[str, float] = {}
+    for i, p in enumerate([pid, *children(pid)]):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        except (OSError, StopIteration):
+            continue
+        out["server" if i == 0 else "core" if i == 1 else f"pid {p}"] = round(kb / 1024, 1)
+    return out
+
+
+def sample_rss(pid: int, every: float, samples: list[dict[str, object]], done: threading.Event) -> None:
+    """Append ``{"t": seconds, <process>: MB, ...}`` every ``every`` seconds until ``done`` is set."""
+    start = time.monotonic()
+    while not done.wait(every):
+        samples.append({"t": round(time.monotonic() - start), **rss_by_process_mb(pid)})
 
 
 def children(pid: int) -> list[int]:
@@ -249,6 +270,7 @@ def main() -> int:
     parser.add_argument("--load-timeout", type=float, default=1800, help="seconds the model may take to load")
     parser.add_argument("--log", default="soak-server.log", help="the server's stderr")
     parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--rss-every", type=float, default=60, help="seconds between RSS samples per process")
     parser.add_argument("serve_args", nargs="*", help="extra flags for tokenmill serve (after --)")
     args = parser.parse_args()
     for sig in (signal.SIGINT, signal.SIGUSR1):
@@ -264,9 +286,14 @@ def main() -> int:
         tally = Tally()
         asyncio.run(load(url, args.concurrency, args.warmup, args.disconnect_rate, args.seed, tally))
         rss_start = tree_rss_mb(proc.pid)
+        samples: list[dict[str, object]] = [{"t": 0, **rss_by_process_mb(proc.pid)}]
+        sampling = threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, args.rss_every, samples, sampling), daemon=True)
+        sampler.start()
         started = time.monotonic()
         asyncio.run(load(url, args.concurrency, args.duration, args.disconnect_rate, args.seed + 7, tally))
         elapsed = time.monotonic() - started
+        sampling.set()
         m = drain(url)
         rss_end = tree_rss_mb(proc.pid)
         blocks_total = m.get("tokenmill_kv_cache_tokens", 0) / 16  # default --block-size
@@ -276,6 +303,7 @@ def main() -> int:
             "requests_per_s": round(tally.served / elapsed, 2),
             "rss_mb_start": round(rss_start), "rss_mb_end": round(rss_end),
             "rss_change_pct": round(100 * (rss_end - rss_start) / rss_start, 1),
+            "rss_mb_samples": samples,
             "kv_cache_usage_ratio_end": m.get("tokenmill_kv_cache_usage_ratio"),
             "kv_blocks_in_use_end": round(m.get("tokenmill_kv_cache_usage_ratio", 0) * blocks_total),
             "running_end": m.get("tokenmill_num_requests_running"), "waiting_end": m.get("tokenmill_num_requests_waiting"),

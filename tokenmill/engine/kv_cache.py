@@ -139,10 +139,12 @@ def describe_kv_cache(info: Any) -> str:
             f"{info.kv_cache_bytes / 2**20:.1f} MiB; {fit} concurrent request(s) of {info.max_model_len} tokens fit")
 
 
-def release_freed_heap() -> None:
+def release_freed_heap(collect: bool = True) -> None:
     """Hand the heap pages that loading freed back to the OS (glibc keeps them otherwise): about 80 MiB of
-    resident memory for the default model, measured (docs/memory.md). A no-op off glibc."""
-    gc.collect()
+    resident memory for the default model, measured (docs/memory.md). A no-op off glibc. The engine core also
+    calls it (``collect=False``: no garbage collection) while serving, see core_process.py."""
+    if collect:
+        gc.collect()
     libc = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(libc).malloc_trim if libc else None
