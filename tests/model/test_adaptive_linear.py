@@ -5,6 +5,7 @@ import torch
 
 from tokenmill.model.adaptive_linear import (
     BatchAdaptiveLinear,
+    bucket_rows,
     cpu_has_native_bf16,
     dense_weight,
     make_batch_adaptive,
@@ -53,3 +54,15 @@ def test_default_model_keeps_both_forms_on_a_native_bf16_cpu():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_dense_rows_are_bucketed_and_the_padding_never_shows():
+    assert [bucket_rows(m) for m in (8, 9, 16, 17, 63, 64, 65, 129, 500)] == [8, 16, 16, 24, 64, 64, 72, 144, 512]
+    assert len({bucket_rows(m) for m in range(8, 513)}) == 32  # shapes oneDNN builds a kernel for
+    assert all(m <= bucket_rows(m) < m * 1.125 for m in range(64, 5000))
+    torch.manual_seed(2)
+    quant = QuantLinear([quantize_int4(torch.randn(32, 64) * 0.05)], bias=torch.randn(32))
+    layer = BatchAdaptiveLinear(quant, min_dense_rows=4)
+    x = torch.randn(9, 64)  # runs as 16 rows
+    expected = torch.nn.functional.linear(x.bfloat16(), layer.dense, quant.bias.bfloat16()).float()
+    assert torch.allclose(layer(x), expected, atol=1e-2, rtol=1e-2) and layer(x).shape == (9, 32)

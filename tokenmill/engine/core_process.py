@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is still alive
 # glibc keeps the pages of freed temporaries (a step's activations, megabytes each for prefill chunks of every
 # size) and they add up to hundreds of MB over minutes of mixed traffic: hand them back this often while busy,
-# and whenever the core falls idle. One trim costs a few ms (scripts/soak.py: RSS flat over 30 minutes).
+# and whenever the core falls idle. One trim costs ~10-15 ms here, one step's delay every 10 s (docs/memory.md).
 TRIM_EVERY_S = 10.0
 
 
