@@ -185,12 +185,7 @@ def test_a_10_mb_body_stalls_neither_health_nor_streams(server, serve_app):
     poster = threading.Thread(target=post_big)
     start = time.monotonic()
     poster.start()
-    health_latencies = []
-    while poster.is_alive():
-        t = time.monotonic()
-        assert httpx.get(running.url + "/health", timeout=30).status_code == 200
-        health_latencies.append(time.monotonic() - t)
-        time.sleep(0.05)
+    health_latencies = health_latencies_while(running.url, poster)
     end = time.monotonic()
     result["big_done"] = True
     streamer.join(600)
@@ -201,6 +196,16 @@ def test_a_10_mb_body_stalls_neither_health_nor_streams(server, serve_app):
     during = [t for t in chunk_times if start < t < end]
     assert len(during) >= 2, (len(chunk_times), end - start)
 
+
+def health_latencies_while(url: str, worker: threading.Thread) -> list[float]:
+    """Seconds each ``GET /health`` took (every one must be 200), polled every 50 ms while ``worker`` runs."""
+    latencies = []
+    while worker.is_alive():
+        t = time.monotonic()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        latencies.append(time.monotonic() - t)
+        time.sleep(0.05)
+    return latencies
 
 
 def test_playground_tokenize_of_a_long_text_does_not_stall_health(server, serve_app):
@@ -214,11 +219,6 @@ def test_playground_tokenize_of_a_long_text_does_not_stall_health(server, serve_
 
     poster = threading.Thread(target=post)
     poster.start()
-    health_latencies = []
-    while poster.is_alive():
-        t = time.monotonic()
-        assert httpx.get(running.url + "/health", timeout=30).status_code == 200
-        health_latencies.append(time.monotonic() - t)
-        time.sleep(0.05)
+    health_latencies = health_latencies_while(running.url, poster)
     assert result["status"] == 200 and result["count"] > 100_000
     assert len(health_latencies) >= 3 and max(health_latencies) < 2.0, health_latencies

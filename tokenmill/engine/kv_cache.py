@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 from dataclasses import dataclass
@@ -145,10 +146,16 @@ def release_freed_heap(collect: bool = True) -> None:
     calls it (``collect=False``: no garbage collection) while serving, see core_process.py."""
     if collect:
         gc.collect()
-    libc = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(libc).malloc_trim if libc else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None off glibc; looked up once (finding libc spawns ldconfig), not per call."""
+    libc = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(libc).malloc_trim if libc else None
+    except (OSError, AttributeError):
+        return None
