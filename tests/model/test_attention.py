@@ -70,6 +70,16 @@ def test_mixed_batch_matches_naive_attention():
         start += c.num_new
 
 
+@pytest.mark.parametrize("specs", [[(9, 1)], [(7, 1), (7, 1), (7, 1)]], ids=["one", "same-length"])
+def test_unpadded_decodes_match_naive_attention(specs):
+    # one decode, or decodes of one length: no padding, so attention runs unmasked (SDPA)
+    cases = make_cases(specs, seed=4)
+    out, meta, _, _ = run(cases)
+    assert meta.decode_unpadded()
+    for i, c in enumerate(cases):
+        torch.testing.assert_close(out[i:i + 1], naive_attention(c.q, c.k, c.v, c.num_cached), atol=1e-5, rtol=1e-5)
+
+
 def test_new_keys_and_values_land_in_their_slots():
     cases = make_cases([(5, 1), (9, 4)], seed=1)
     _, meta, k_cache, v_cache = run(cases)

@@ -33,7 +33,8 @@ def invariant_attention(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetad
     """q [T, H, D] for the step's tokens, whose K/V are already in ``kv_cache`` -> output [T, H, D]."""
     out = torch.empty_like(q)
     for rows, group in query_groups(meta):
-        out.index_copy_(0, rows, TorchSDPABackend._decode(q.index_select(0, rows), kv_cache, group, scale))
+        part = TorchSDPABackend._decode(q.index_select(0, rows), kv_cache, group, scale, batch_invariant=True)
+        out.index_copy_(0, rows, part)
     return out
 
 
