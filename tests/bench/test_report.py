@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tokenmill.bench.dataset import PROSE_PATH, BenchPrompt, load_jsonl_prompts, synthetic_prompts
+from tokenmill.bench.main import parse_concurrency
 from tokenmill.bench.metrics import RequestRecord, summarize
-from tokenmill.bench.offline import parse_concurrency
 from tokenmill.bench.report import dumps, format_sweep, format_table, plot, to_json
 from tokenmill.bench.serving import arrival_delays
 

@@ -126,7 +126,7 @@ def float32_run():
 def test_16_bit_cache_keeps_greedy_output_and_logprobs(float32_run, kv_dtype):
     ref_tokens, ref_logprobs, _ = float32_run
     tokens, logprobs, _, llm = _greedy_and_perplexity(kv_dtype, perplexity=False)
-    assert llm.engine.info.kv_cache_dtype == DTYPES[kv_dtype]
+    assert llm.engine.info.kv_cache_dtype == str(DTYPES[kv_dtype]).removeprefix("torch.")
     if kv_dtype == "float16":  # its 10-bit mantissa: all 5 golden prompts keep their first 16 tokens
         assert all(a[:16] == b[:16] for a, b in zip(tokens, ref_tokens, strict=True))
     # bfloat16's 7-bit mantissa turns one prompt's 9th token (measured), as every path reads rounded K/V

@@ -151,7 +151,7 @@ def test_drafts_are_fed_with_lookahead_slots_and_dropped_rather_than_preempting(
 def test_spec_decode_counters_follow_the_engine_totals():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tokenmill.engine.core import EngineStats
+    from tokenmill.engine.info import EngineStats
     from tokenmill.engine.metrics import EngineMetrics
 
     metrics = EngineMetrics()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
-from tokenmill.engine.structured_output import GrammarCompiler, apply_grammar_mask
+from tokenmill.engine.sampler import apply_grammar_mask
+from tokenmill.engine.structured_output import GrammarCompiler
 from tokenmill.sampling_params import SamplingParamsError
 
 SCHEMAS = {

@@ -14,11 +14,10 @@ from tokenmill.model.gguf import (
     GGUFFile,
     GGUFTensorInfo,
     RawQuantTensor,
-    dequantize_tensor,
-    load_gguf_tensors,
     model_config_from_gguf,
     read_gguf,
 )
+from tokenmill.model.gguf_tensors import dequantize_tensor, load_gguf_tensors
 from tokenmill.model.source import load_checkpoint
 
 COMPARED_LAYERS = (0, 1, 29)

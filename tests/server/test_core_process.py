@@ -71,6 +71,26 @@ def test_a_json_schema_is_enforced_by_the_core_process(default_server):
     assert set(json.loads(answer.choices[0].message.content)) == {"capital"}
 
 
+def test_the_api_process_does_not_load_torch(default_server):
+    # after requests that touch the API side's every use of the engine's types (validation, a grammar,
+    # streamed logprobs, the playground's masked candidates), torch is mapped in the core process only
+    proc, url = default_server
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "Give a number", "max_tokens": 3, "structured_outputs": {"regex": "[0-9]+"}}
+    with httpx.stream("POST", f"{url}/v1/playground/steps", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [e["grammar_allowed"] for e in events if e["type"] == "token"][0] == 10  # the ten digits
+    chunks = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": model, "prompt": "Hello", "max_tokens": 4, "logprobs": 2, "stream": True}).text
+    assert "[DONE]" in chunks
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert not maps_torch(proc.pid)
+    assert maps_torch(_core_pid(proc.pid))
+
+
 def test_core_process_death_gives_503_ends_streams_and_exits_1(default_server):
     proc, url = default_server
     core = _core_pid(proc.pid)

@@ -23,7 +23,7 @@ from tests.server.conftest import ENGINE, RunningServer, free_port
 from tokenmill.cli import main
 from tokenmill.config import ReplicaConfig
 from tokenmill.engine.async_engine import EngineDeadError
-from tokenmill.engine.core import EngineStats
+from tokenmill.engine.info import EngineStats
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import ray_serve
 from tokenmill.server.protocol import ApiError

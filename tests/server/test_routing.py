@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tokenmill.cli import main
-from tokenmill.engine.core import EngineStats
+from tokenmill.engine.info import EngineStats
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.engine.request import Sequence

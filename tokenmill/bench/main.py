@@ -11,7 +11,6 @@ from typing import Any
 
 from tokenmill.bench.dataset import BenchPrompt, load_jsonl_prompts, synthetic_prompts
 from tokenmill.bench.metrics import BenchResult
-from tokenmill.bench.offline import parse_concurrency
 from tokenmill.bench.report import dumps, format_sweep, format_table, plot, to_json
 
 
@@ -150,9 +149,12 @@ def _run_offline(args: argparse.Namespace,
         return results, None
     if args.compare == "llama.cpp":
         return results, _run_llama_cpp(args, prompt_sets, levels)
+    import torch
+
     from tokenmill.bench.compare import load_transformers_model, run_transformers
 
-    hf_model = load_transformers_model(args.model, engine.info.dtype, engine.info.device, progress=progress)
+    hf_model = load_transformers_model(args.model, getattr(torch, engine.info.dtype), torch.device(engine.info.device),
+                                       progress=progress)
     pad = engine.eos_token_ids[0] if engine.eos_token_ids else 0
     others = [run_transformers(hf_model, prompts, c, pad_token_id=pad, warmup=args.warmup)
               for prompts, c in zip(prompt_sets, levels, strict=True)]
@@ -182,3 +184,22 @@ def _run_serving(args: argparse.Namespace, levels: list[int | None]) -> list[Ben
                                     api_key=args.api_key, timeout_s=args.timeout, progress=not args.no_progress))
             for i, c in enumerate(levels)]
 
+
+def parse_concurrency(value: str | None) -> list[int | None]:
+    """``--concurrency`` as a list of levels: None -> [None] (all at once); "1,4,16" -> [1, 4, 16]."""
+    if value is None or value == "":
+        return [None]
+    levels = []
+    for part in value.split(","):
+        part = part.strip()
+        if part in ("all", "inf"):
+            levels.append(None)
+            continue
+        try:
+            level = int(part)
+        except ValueError:
+            raise ValueError(f"--concurrency: expected integers >= 1 separated by commas, got {value!r}") from None
+        if level < 1:
+            raise ValueError(f"--concurrency: every level must be >= 1, got {level}")
+        levels.append(level)
+    return levels

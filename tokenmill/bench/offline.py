@@ -39,7 +39,7 @@ def run_offline(engine: LLMEngine, prompts: list[BenchPrompt], concurrency: int 
     if warmup:
         _warm_up(engine, prompts[:warmup])
     stats_before = engine.stats()
-    device = engine.info.device
+    device = torch.device(engine.info.device)
     _reset_gpu_peak(device)
     limit = concurrency or len(prompts)
     pending = deque(enumerate(prompts))
@@ -106,7 +106,7 @@ def kv_cache_info(engine: LLMEngine) -> dict[str, Any]:
     """The engine's paged KV cache: element type, bytes per token, blocks, tokens it holds, MiB, and how
     many requests of the full context length (``max_model_len``) fit at once."""
     info = engine.info
-    return {"dtype": str(info.kv_cache_dtype).removeprefix("torch."), "bytes_per_token": info.kv_bytes_per_token,
+    return {"dtype": info.kv_cache_dtype, "bytes_per_token": info.kv_bytes_per_token,
             "blocks": info.num_blocks, "block_size": info.block_size, "tokens": info.kv_cache_tokens,
             "size_mb": info.kv_cache_bytes / 2**20, "max_model_len": info.max_model_len,
             "max_len_requests_fit": info.kv_cache_tokens // info.max_model_len}
@@ -119,23 +119,3 @@ def _reset_gpu_peak(device: torch.device) -> None:
 
 def _gpu_peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def parse_concurrency(value: str | None) -> list[int | None]:
-    """``--concurrency`` as a list of levels: None -> [None] (all at once); "1,4,16" -> [1, 4, 16]."""
-    if value is None or value == "":
-        return [None]
-    levels = []
-    for part in value.split(","):
-        part = part.strip()
-        if part in ("all", "inf"):
-            levels.append(None)
-            continue
-        try:
-            level = int(part)
-        except ValueError:
-            raise ValueError(f"--concurrency: expected integers >= 1 separated by commas, got {value!r}") from None
-        if level < 1:
-            raise ValueError(f"--concurrency: every level must be >= 1, got {level}")
-        levels.append(level)
-    return levels

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.engine.core import EngineInfo, EngineStats, EngineStepError
+from tokenmill.engine.info import EngineInfo, EngineStats, EngineStepError
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

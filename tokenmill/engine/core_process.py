@@ -16,14 +16,17 @@ import multiprocessing
 import pickle
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zmq
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.core import EngineCore, EngineInfo, EngineStats, EngineStepError
-from tokenmill.engine.kv_cache import release_freed_heap
+from tokenmill.engine.info import EngineInfo, EngineStats, EngineStepError
 from tokenmill.engine.step import EngineCoreOutput, SequenceStop
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,10 @@ def receive(socket: zmq.Socket) -> object:
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
     """Process entry: load the model, report ready, then serve requests until Shutdown."""
+    # the engine (and torch) load here, in the core process: the API process imports this module for the
+    # messages above and must not load torch (engine/info.py)
+    from tokenmill.engine.core import EngineCore
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
@@ -116,6 +123,8 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
 
 
 def _serve(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    from tokenmill.engine.kv_cache import release_freed_heap
+
     parent = multiprocessing.parent_process()
     last_trim, worked = time.monotonic(), False  # worked: steps ran since the last trim
     while True:

@@ -14,6 +14,8 @@ import ctypes.util
 import functools
 import gc
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +42,35 @@ class BlockCopy:
 
 class KVCacheTensors:
     """One cache per layer: (k, v) [num_blocks * block_size, num_kv_heads, head_dim] in ``dtype``, or for
-    ``torch.int8`` an ``Int8KVCache`` (int8 k, v plus float32 scales [num_slots, num_kv_heads, 2])."""
+    ``torch.int8`` an ``Int8KVCache`` (int8 k, v plus float32 scales [num_slots, num_kv_heads, 2]).
+
+    On CPU all of it lies in one anonymous memory map: zeros that take no memory until first written, so the
+    process holds the blocks requests have used, not the whole budget (a server that has seen 7k tokens of
+    traffic holds those 7k, up to its --kv-cache-memory as traffic grows; docs/memory.md)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         slots, hkv = num_blocks * block_size, config.num_key_value_heads
         shape = (slots, hkv, config.head_dim)
+        shapes = [(shape, dtype), (shape, dtype)] + ([((slots, hkv, 2), torch.float32)] if dtype == torch.int8 else [])
+        self._mapping = None
+        if device.type == "cpu":
+            sizes = [math.prod(s) * torch.empty((), dtype=t).element_size() for s, t in shapes]
+            per_layer = sum(-(-n // 64) * 64 for n in sizes)  # each tensor starts 64-byte aligned
+            # the kernel hands out zero pages (masked-out slots are still multiplied by 0 in attention, and
+            # 0 * NaN = NaN: the cache must start as zeros) and commits each page when it is first written
+            self._mapping = mmap.mmap(-1, max(1, per_layer * config.num_hidden_layers))
+            memory = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        offset = 0
 
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            # zeros, not empty: masked-out slots are still multiplied by 0 in attention, and 0 * NaN = NaN.
-            return torch.zeros(shape, dtype=dtype, device=device)
+            nonlocal offset
+            if self._mapping is None:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            tensor = memory[offset:offset + size].view(dtype).view(shape)
+            offset += -(-size // 64) * 64
+            return tensor
 
         if dtype == torch.int8:
             self.layers: list[KVCache] = [
@@ -135,7 +156,7 @@ def describe_kv_cache(info: Any) -> str:
     """One line about an engine's cache (``EngineInfo``): type, bytes per token, tokens held, size, and how
     many requests of the full context length fit at once."""
     fit = info.kv_cache_tokens // info.max_model_len
-    return (f"KV cache: {str(info.kv_cache_dtype).removeprefix('torch.')}, {info.kv_bytes_per_token} bytes/token, "
+    return (f"KV cache: {info.kv_cache_dtype}, {info.kv_bytes_per_token} bytes/token, "
             f"{info.kv_cache_tokens} tokens ({info.num_blocks} blocks of {info.block_size}), "
             f"{info.kv_cache_bytes / 2**20:.1f} MiB; {fit} concurrent request(s) of {info.max_model_len} tokens fit")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import uuid
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.core import EngineCore, EngineInfo, EngineStats, EngineStepError
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.info import EngineInfo, EngineStats, EngineStepError
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

@@ -14,12 +14,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.outputs import RequestMetrics
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # requests' records reach the API process, which does not load torch (engine/info.py)
+    import torch
 
 
 class RequestStatus(enum.Enum):

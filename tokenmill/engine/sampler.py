@@ -3,7 +3,7 @@
 Each row of the logits ``[B, V]`` is one sequence with its own SamplingParams. The steps
 run in this order, each a small pure function over the whole batch:
 
-0. ``apply_grammar_mask`` (engine/structured_output.py): rows with a grammar (structured outputs)
+0. ``apply_grammar_mask``: rows with a grammar (structured outputs, engine/structured_output.py)
    get -inf on every token their grammar forbids now; the other rows are not touched.
 1. ``apply_logit_bias`` adds the request's logit_bias, then ``apply_min_tokens_mask`` sets
    the EOS ids and stop_token_ids to -inf while fewer than min_tokens tokens are out.
@@ -39,7 +39,6 @@ from typing import NamedTuple
 import torch
 
 from tokenmill.engine.spec_decode import rejection_sample
-from tokenmill.engine.structured_output import apply_grammar_mask
 from tokenmill.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
@@ -506,3 +505,14 @@ def token_logprobs(logits: torch.Tensor, target_ids: list[int], k: int) -> list[
         entry[token] = (actual_l[i], ranks[i])
         entries.append(entry)
     return entries
+
+
+def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Step 0 of the pipeline: logits [B, V]; rows [G] long; bitmask [G, ceil(V / 32)] int32 (bit t % 32 of
+    word t // 32 set: token t allowed). Returns logits with the forbidden tokens of those rows at -inf."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1  # [G, W, 32]
+    allowed = bits.flatten(1)[:, :vocab].bool()  # [G, V]
+    selected = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, rows, selected)

@@ -12,13 +12,16 @@ state; the runner reads the plan and returns tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from tokenmill.engine.kv_cache import BlockCopy
 from tokenmill.engine.request import FinishReason, Request, Sequence, TokenLogprobs
 from tokenmill.outputs import RequestMetrics
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the step's records cross to the API process, which does not load torch (engine/info.py)
+    import torch
+
+    from tokenmill.engine.kv_cache import BlockCopy
 
 # A prompt position's raw logprobs: token id -> (logprob, rank), for the actual token and the top k.
 PromptLogprobEntry = dict[int, tuple[float, int]]

@@ -13,7 +13,10 @@ a matcher's current state, fills a bitmask of the tokens that may come next. Per
    (``Grammar.bitmask``: for draft tokens, the state after each draft, rolled back afterwards)
    and advances it with every token it appends (``Grammar.accept``).
 3. The sampler applies the bitmask to those rows' logits before every other step
-   (``apply_grammar_mask``); rows without a grammar are not touched.
+   (``sampler.apply_grammar_mask``); rows without a grammar are not touched.
+
+The API process imports this module to validate grammars and must not load torch (engine/info.py):
+torch is imported only where the core builds a step's bitmask.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import functools
 import json
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
-import torch
+import numpy as np
 
 from tokenmill.sampling_params import SamplingParamsError, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import torch
 
 # JSON options: no free whitespace (a sampled model could otherwise write spaces forever), the
 # separators a model has seen most: {"a": 1, "b": [1, 2]}.
@@ -112,6 +118,8 @@ class Grammar:
 
         The drafts are consumed to reach each row's state and rolled back afterwards, so the state
         is unchanged; they must be valid (``valid_prefix``)."""
+        import torch  # the engine core's side only (see the module docstring)
+
         mask = torch.full((1 + len(draft_token_ids), self.num_words), -1, dtype=torch.int32)
         for j, token in enumerate([*draft_token_ids, None]):
             row = mask[j]
@@ -121,6 +129,12 @@ class Grammar:
         if draft_token_ids:
             self._matcher.rollback(len(draft_token_ids))
         return mask
+
+    def allowed_now(self) -> np.ndarray:
+        """[ceil(V / 32)] int32 bitmask of the tokens allowed in the current state (bit t % 32 of word t // 32)."""
+        row = np.full(self.num_words, -1, dtype=np.int32)
+        self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        return row
 
     def valid_prefix(self, token_ids: list[int]) -> int:
         """How many of token_ids (from the current state on) the grammar allows."""
@@ -144,23 +158,11 @@ class Grammar:
         return Grammar(self._matcher.deep_copy(), self.num_words * 32)
 
 
-def is_allowed(bitmask_row: torch.Tensor, token_id: int) -> bool:
-    """Whether a bitmask row [ceil(V / 32)] int32 allows token_id."""
+def is_allowed(bitmask_row: Any, token_id: int) -> bool:
+    """Whether a bitmask row [ceil(V / 32)] int32 (numpy or torch) allows token_id."""
     return bool((int(bitmask_row[token_id // 32]) >> (token_id % 32)) & 1)
 
 
-def num_allowed(bitmask_row: torch.Tensor) -> int:
-    """How many tokens a bitmask row [ceil(V / 32)] int32 allows."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    return int(((bitmask_row.unsqueeze(-1) >> shifts) & 1).sum())
-
-
-def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Step 0 of the pipeline: logits [B, V]; rows [G] long; bitmask [G, ceil(V / 32)] int32 (bit t % 32 of
-    word t // 32 set: token t allowed). Returns logits with the forbidden tokens of those rows at -inf."""
-    vocab = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1  # [G, W, 32]
-    allowed = bits.flatten(1)[:, :vocab].bool()  # [G, V]
-    selected = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
-    return logits.index_copy(0, rows, selected)
+def num_allowed(bitmask_row: np.ndarray) -> int:
+    """How many tokens a numpy bitmask row [ceil(V / 32)] int32 allows."""
+    return int(np.unpackbits(np.ascontiguousarray(bitmask_row).view(np.uint8)).sum())

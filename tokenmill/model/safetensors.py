@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from tokenmill.config import ModelConfig, model_config_from_hf
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -55,12 +57,15 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 
 
 def load_hf_tensors(folder: str | Path, config: ModelConfig,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every parameter under its Hugging Face name, floating-point tensors cast to ``dtype``.
 
     Rotary ``inv_freq`` buffers are skipped (recomputed from the config) and ``lm_head.weight`` is
     dropped when the embeddings are tied.
     """
+    import torch  # here, not at the top: load_hf_config serves the API process, which does not load torch
+
+    dtype = dtype or torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
         try:

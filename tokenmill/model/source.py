@@ -12,20 +12,21 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tokenmill.config import DEFAULT_MODEL, ModelConfig
 from tokenmill.model.gguf import (
     GGUF_MAGIC,
     RawQuantTensor,
-    load_gguf_tensors,
     model_config_from_gguf,
     read_gguf,
     tokenizer_from_gguf,
 )
-from tokenmill.model.safetensors import load_hf_config, load_hf_tensors
+from tokenmill.model.safetensors import load_hf_config
 from tokenmill.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_270M = "gemma-3-270m"
@@ -135,12 +136,19 @@ def served_model_name(model: str) -> str:
     return model if model in ALIASES or not Path(os.path.expanduser(model)).exists() else Path(model).name
 
 
-def load_checkpoint(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load_checkpoint(model: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
                     keep_quantized: frozenset[int] = frozenset()) -> Checkpoint:
-    """Resolve and load ``model``: config, tensors (floats in ``dtype``) and tokenizer.
+    """Resolve and load ``model``: config, tensors (floats in ``dtype``, default float32) and tokenizer.
 
     ``keep_quantized``: GGML type ids (GGUF only) whose 2-D weights stay packed as RawQuantTensor.
     """
+    # the tensor readers load torch; the rest of this module (tokenizers, names) is torch-free for the API process
+    import torch
+
+    from tokenmill.model.gguf_tensors import load_gguf_tensors
+    from tokenmill.model.safetensors import load_hf_tensors
+
+    dtype = dtype or torch.float32
     path, fmt = resolve_model(model)
     name = model if model in ALIASES or not Path(os.path.expanduser(model)).exists() else Path(path).name
     if fmt == "gguf":

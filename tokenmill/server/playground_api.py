@@ -26,7 +26,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
-from tokenmill.engine.core import grammar_compiler_for
+from tokenmill.engine.info import grammar_compiler_for
 from tokenmill.engine.structured_output import Grammar, is_allowed, num_allowed
 from tokenmill.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tokenmill.server import playground_context, playground_live
@@ -253,7 +253,7 @@ def _token_event(tokenizer: Any, c: CompletionOutput, index: int, token: int, j:
 def _mark_masked(event: dict[str, Any], grammar: Grammar, token: int) -> None:
     """What the grammar allowed at this step: ``masked`` on each raw candidate it forbade, and how many
     tokens it allowed; then the grammar takes the chosen token."""
-    row = grammar.bitmask([])[0]
+    row = grammar.allowed_now()
     for candidate in event["raw_top"]:
         candidate["masked"] = not is_allowed(row, candidate["id"])
     event["grammar_allowed"] = num_allowed(row)

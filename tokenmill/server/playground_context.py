@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
-from tokenmill.engine.core import EngineInfo
+from tokenmill.engine.info import EngineInfo
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.protocol import ApiError, Strict
 from tokenmill.server.serving import add_requests, check_admission, get_state, run_to_end
@@ -77,14 +77,17 @@ def calibration_lengths(longest: int, points: int) -> list[int]:
     return lengths
 
 
+ELEMENT_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # bytes per KV element, by type name
+
+
 def kv_layout(info: EngineInfo) -> dict[str, Any]:
     """Bytes per token of the engine's KV cache and what they are made of."""
     mc = info.model_config
-    element = info.kv_cache_dtype.itemsize
+    element = ELEMENT_SIZES[info.kv_cache_dtype]
     formula = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * element
     return {"bytes_per_token": info.kv_bytes_per_token, "num_layers": mc.num_hidden_layers,
             "num_kv_heads": mc.num_key_value_heads, "head_dim": mc.head_dim, "element_size": element,
-            "dtype": str(info.kv_cache_dtype).removeprefix("torch."),
+            "dtype": info.kv_cache_dtype,
             # int8 stores a float32 scale per layer, K/V and head beside the codes
             "scale_bytes_per_token": info.kv_bytes_per_token - formula}
 

@@ -16,7 +16,7 @@ import threading
 
 from prometheus_client import Counter, Gauge
 
-from tokenmill.engine.core import EngineStats
+from tokenmill.engine.info import EngineStats
 from tokenmill.engine.metrics import EngineMetrics
 
 # Snapshots, not totals: summed over live replicas only.

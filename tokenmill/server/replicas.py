@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream, StreamingEngine
-from tokenmill.engine.core import EngineInfo, EngineStats, validate_request
+from tokenmill.engine.info import EngineInfo, EngineStats, validate_request
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.model.source import load_tokenizer
 from tokenmill.sampling_params import SamplingParams

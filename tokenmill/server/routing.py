@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tokenmill.engine.core import EngineStats
+from tokenmill.engine.info import EngineStats
 from tokenmill.engine.kv_cache_manager import hash_block
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, RequestStream
-from tokenmill.engine.core import grammar_compiler_for
+from tokenmill.engine.info import grammar_compiler_for
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams, SamplingParamsError

@@ -54,8 +54,8 @@ async def info(request: Request) -> dict[str, Any]:
     engine = state.ready_engine().info
     cfg = engine.config
     return {
-        "model_id": engine.model_name, "model_sha": None, "model_dtype": str(engine.dtype).removeprefix("torch."),
-        "model_device_type": engine.device.type, "model_pipeline_tag": "text-generation",
+        "model_id": engine.model_name, "model_sha": None, "model_dtype": engine.dtype,
+        "model_device_type": engine.device.split(":")[0], "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": cfg.max_num_seqs + state.max_queue, "max_best_of": MAX_N,
         "max_stop_sequences": MAX_STOP_STRINGS, "max_input_tokens": engine.max_model_len - 1,
         "max_total_tokens": engine.max_model_len, "max_batch_total_tokens": None,
