@@ -50,6 +50,7 @@ class BatchAdaptiveLinear(nn.Module):
     def __init__(self, quant: QuantLinear, min_dense_rows: int = MIN_DENSE_ROWS) -> None:
         super().__init__()
         self.quant = quant
+        self.quant_forward = quant.forward  # QuantLinear has no hooks: its forward is its call
         self.min_dense_rows = min_dense_rows
         self.register_buffer("dense", dense_weight(quant))  # [N, K] bf16
         self.in_features, self.out_features = quant.in_features, quant.out_features
@@ -58,7 +59,7 @@ class BatchAdaptiveLinear(nn.Module):
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features  # the model passes [T, in]
         if rows < self.min_dense_rows:
-            return self.quant(x)
+            return self.quant_forward(x)  # straight to forward: the one-token decode path, ~1.5 us less a call
         bias = None if self.quant.bias is None else self.quant.bias.to(torch.bfloat16)
         padded = bucket_rows(rows)
         if padded == rows:
