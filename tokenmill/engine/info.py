@@ -1,7 +1,7 @@
 """What the API side knows about an engine, and the checks a request passes before it is queued.
 
 Torch-free on purpose: with ``tokenmill serve`` the API process (HTTP, tokenization, detokenization, SSE)
-imports this and never loads torch, which would cost it ~200 MB of resident memory (docs/memory.md); the
+imports this and never loads torch, which cost it ~190 MB of resident memory (docs/memory.md); the
 engine core process fills ``EngineInfo`` in and sends it over (``engine/core_process.py``).
 """
 
@@ -75,8 +75,6 @@ class EngineStepError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
         super().__init__(f"engine step failed: {cause}")
         self.request_ids = request_ids
-
-
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams) -> None:
