@@ -1,5 +1,6 @@
 """KVCacheManager: allocation, fork, copy-on-write, truncation, prefix caching and eviction (model-free)."""
 
+import pytest
 import torch
 
 from tokenmill.config import ModelConfig
@@ -191,3 +192,18 @@ def test_kv_tensors_copy_blocks():
     cache.copy_blocks([BlockCopy(0, 2)])
     assert torch.equal(k[4:6], k[0:2]) and torch.equal(v[4:6], v[0:2])
     assert k[2:4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_cpu_kv_tensors_start_as_zeros_and_never_share_memory(dtype):
+    # the CPU cache is carved out of one anonymous map (committed when written): every tensor of every layer
+    # must be zeros at first and have its own bytes
+    cfg = ModelConfig("llama", 10, 8, 16, 3, 2, 1, 4)
+    cache = KVCacheTensors(cfg, num_blocks=5, block_size=2, dtype=dtype, device=torch.device("cpu"))
+    tensors = [t for layer in cache.layers for t in layer]
+    assert len(tensors) == 3 * (3 if dtype == torch.int8 else 2)
+    assert all(not t.any() for t in tensors)
+    for i, t in enumerate(tensors):
+        t.fill_(i + 1)
+    assert all(bool((t == i + 1).all()) for i, t in enumerate(tensors))
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
