@@ -70,7 +70,7 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def rss_by_process_mb(pid: int) -> dict[str, float]:
-    """RSS in MB of the server (``server``) and each process below it (``core``, or ``pid N``)."""
+    """RSS in MB of the server (``server``) and each process below it (``core``, ``resource tracker``, ``pid N``)."""
     out: dict[str, float] = {}
     for i, p in enumerate([pid, *children(pid)]):
         try:
@@ -78,8 +78,19 @@ def rss_by_process_mb(pid: int) -> dict[str, float]:
             kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
         except (OSError, StopIteration):
             continue
-        out["server" if i == 0 else "core" if i == 1 else f"pid {p}"] = round(kb / 1024, 1)
+        out["server" if i == 0 else _child_name(p)] = round(kb / 1024, 1)
     return out
+
+
+def _child_name(pid: int) -> str:
+    """``core`` for the engine-core process, ``resource tracker`` for multiprocessing's, else ``pid N``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    if b"resource_tracker" in cmdline:
+        return "resource tracker"
+    return "core" if b"spawn_main" in cmdline else f"pid {pid}"
 
 
 def sample_rss(pid: int, every: float, samples: list[dict[str, object]], done: threading.Event) -> None:
