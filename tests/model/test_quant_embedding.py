@@ -59,3 +59,30 @@ def test_table_is_kept_packed_not_as_floats():
     # one int8 per weight plus a float32 scale per 32: the file's 34 bytes per 32 weights, scales widened
     assert kept == vocab * hidden + vocab * hidden // 32 * 4
     assert kept < vocab * hidden * 4 / 3.5
+
+
+def test_tied_quantized_lm_head_gives_exact_float32_values_for_each_rows_best_logits():
+    # the packed lm_head's logits are bfloat16-rounded (ties on the 0.125 grid); refine_top_logits recomputes
+    # each row's best REFINED_LOGITS in float32 from the table's rows and leaves the rest as they were
+    from tokenmill.model.base import REFINED_LOGITS, refine_top_logits
+
+    gf = read_gguf(resolve_model("smollm2-135m-instruct")[0])
+    info = gf.tensors["token_embd.weight"]
+    rows = 2048
+    raw = RawQuantTensor(info.ggml_type, info.data[:rows], (rows, info.shape[1]))
+    weights = Weights({NAME: raw}, torch.float32, torch.device("cpu"))
+    table, dense = weights.embedding(NAME), weights.float(NAME)  # [V, H] float32: the exact values
+    hidden = torch.randn(3, dense.shape[1], generator=torch.Generator().manual_seed(0)) * 4
+    exact = hidden @ dense.T  # [3, V]
+    rounded = exact.to(torch.bfloat16).float()
+    refined = rounded.clone()
+    refine_top_logits(refined, hidden, table)
+    top = rounded.topk(REFINED_LOGITS, dim=-1).indices
+    torch.testing.assert_close(refined.gather(1, top), exact.gather(1, top), rtol=0, atol=1e-4)
+    untouched = torch.ones_like(refined, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(refined[untouched], rounded[untouched])
+    assert (refined.gather(1, top) != rounded.gather(1, top)).any()  # the rounding was there to undo
+    # one row alone gets the same values as in the batch
+    alone = rounded[1:2].clone()
+    refine_top_logits(alone, hidden[1:2], table)
+    assert torch.equal(alone, refined[1:2])
