@@ -242,10 +242,10 @@ def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor, table: QuantEm
 
     Why: a quantized lm_head runs on the int4 or bf16 kernels, whose outputs are bfloat16: at the default
     model's logits of 16 to 32 that is a grid 0.125 wide, and the two best tokens came out exactly equal on
-    6 of the first 60 greedy steps of the golden prompts (the tie then goes to the lower token id). The likely tokens are the ones
-    greedy choices, top-k / top-p and logprobs depend on; their exact values cost one gather of 32 table rows
-    and a dot product each per row (~1% of a decode step). Row by row, so a row's result never depends on the
-    rest of the batch."""
+    6 of the first 60 greedy steps of the golden prompts (the tie then goes to the lower token id). The
+    likely tokens are the ones greedy choices, top-k / top-p and logprobs depend on; their exact values cost
+    one gather of 32 table rows and 32 dot products per row (within the noise of a decode step's time).
+    Row by row, so a row's result never depends on the rest of the batch."""
     top = logits.topk(REFINED_LOGITS, dim=-1).indices  # [N, k]
     rows = table(top.reshape(-1)).view(*top.shape, -1)  # [N, k, hidden] float32, exactly the table's values
     logits.scatter_(1, top, (rows * hidden[:, None, :]).sum(-1))
