@@ -16,12 +16,12 @@ import gc
 import logging
 import math
 import mmap
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.engine.kv_cache_manager import BlockCopy
 from tokenmill.model.attention import Int8KVCache, KVCache
 
 logger = logging.getLogger(__name__)
@@ -30,14 +30,6 @@ DEFAULT_CPU_CACHE_FRACTION = 0.25  # of available memory, when --kv-cache-memory
 DEFAULT_CACHE_CAP_BYTES = 512 << 20  # ~23k tokens of the default model in 16 bits (46k in int8)
 DEFAULT_GPU_CACHE_FRACTION = 0.6  # of free GPU memory after the weights are loaded
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@dataclass
-class BlockCopy:
-    """Copy block ``src`` into block ``dst`` in every layer before the next forward (copy-on-write)."""
-
-    src: int
-    dst: int
 
 
 class KVCacheTensors:

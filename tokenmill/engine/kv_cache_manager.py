@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
-from tokenmill.engine.kv_cache import BlockCopy
 from tokenmill.engine.request import Sequence
 
 
@@ -35,6 +35,14 @@ def hash_block(parent: bytes | None, token_ids: list[int], extra: str | None) ->
     if extra is not None:
         h.update(b"\0salt\0" + extra.encode())
     return h.digest()
+
+
+@dataclass
+class BlockCopy:
+    """Copy block ``src`` into block ``dst`` in every layer before the next forward (copy-on-write)."""
+
+    src: int
+    dst: int
 
 
 class KVCacheManager:

@@ -21,7 +21,7 @@ from tokenmill.sampling_params import SamplingParams
 if TYPE_CHECKING:  # the step's records cross to the API process, which does not load torch (engine/info.py)
     import torch
 
-    from tokenmill.engine.kv_cache import BlockCopy
+    from tokenmill.engine.kv_cache_manager import BlockCopy
 
 # A prompt position's raw logprobs: token id -> (logprob, rank), for the actual token and the top k.
 PromptLogprobEntry = dict[int, tuple[float, int]]

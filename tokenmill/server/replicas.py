@@ -23,13 +23,13 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -77,6 +77,8 @@ class EngineReplica:
         self.name = serve.get_replica_context().replica_id.unique_id
         self.engine = AsyncEngine.from_config(config)
         self.engine.start()
+        import torch  # loaded with the engine anyway; the ingress, which imports this module, does not load it
+
         logger.info("replica %s: %s loaded, %d torch threads", self.name, self.engine.info.model_name,
                     torch.get_num_threads())
 
@@ -344,7 +346,10 @@ class TokenmillIngress:
     """The HTTP side: the server's FastAPI app over a ReplicaPool."""
 
     async def __init__(self, engine: DeploymentHandle, options: IngressOptions) -> None:
-        torch.set_num_threads(1)  # this process tokenizes and streams; the replicas compute
+        # this process tokenizes and streams, and does not load torch; the replicas compute (where something
+        # here did load it, its threads must not compete with theirs)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
         self.options = options
         self.pool = await ReplicaPool.connect(engine, options.model)
 
