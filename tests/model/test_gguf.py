@@ -164,3 +164,15 @@ def test_tiny_gguf_untied_has_lm_head(tiny_gguf_model):
     ckpt = load_checkpoint(str(tiny_gguf_model("llama", "F32", tie=False)))
     assert not ckpt.config.tie_word_embeddings
     assert not torch.equal(ckpt.tensors["lm_head.weight"], ckpt.tensors["model.embed_tokens.weight"])
+
+
+def test_no_loaded_tensor_keeps_the_files_memory_map(default_gguf, default_model_path):
+    # F32 tensors (the norms) are copied out of the map: one view would keep every page of the file the loader
+    # read resident for the life of the process
+    tensors = load_gguf_tensors(default_gguf, model_config_from_gguf(default_gguf), torch.float32)
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+              for line in open("/proc/self/maps") if line.rstrip().endswith(str(default_model_path))]
+    assert ranges  # the file is mapped while default_gguf lives
+    inside = [name for name, t in tensors.items() if isinstance(t, torch.Tensor)
+              and any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+    assert not inside, inside[:3]

@@ -20,13 +20,13 @@ def dequantize_tensor(info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """Dense tensor of ``info`` in ``dtype`` (shape ``info.shape``)."""
     t = info.ggml_type
     raw = torch.from_numpy(info.data)  # [rows, bytes_per_row] uint8
-    if t == GGMLQuantizationType.F32:
-        out = raw.view(torch.float32)
-    elif t == GGMLQuantizationType.F16:
-        out = raw.view(torch.float16)
-    elif t == GGMLQuantizationType.BF16:
-        out = raw.view(torch.bfloat16)
-    elif t in _TORCH_DEQUANT:
+    if t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        # a copy, not a view: a model tensor viewing the file's memory map would keep the whole map, and every
+        # page of it the loader read, resident for the life of the process (93 MB for the default model)
+        float_type = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+                      GGMLQuantizationType.BF16: torch.bfloat16}[t]
+        return raw.view(float_type).reshape(info.shape).to(dtype, copy=True)
+    if t in _TORCH_DEQUANT:
         out = _TORCH_DEQUANT[t](raw)
     else:  # k-quants: the gguf package's numpy reference dequantizer
         out = torch.from_numpy(dequantize(info.data, t))
