@@ -43,33 +43,13 @@ class KVCacheTensors:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         slots, hkv = num_blocks * block_size, config.num_key_value_heads
-        shape = (slots, hkv, config.head_dim)
-        shapes = [(shape, dtype), (shape, dtype)] + ([((slots, hkv, 2), torch.float32)] if dtype == torch.int8 else [])
-        self._mapping = None
-        if device.type == "cpu":
-            sizes = [math.prod(s) * torch.empty((), dtype=t).element_size() for s, t in shapes]
-            per_layer = sum(-(-n // 64) * 64 for n in sizes)  # each tensor starts 64-byte aligned
-            # the kernel hands out zero pages (masked-out slots are still multiplied by 0 in attention, and
-            # 0 * NaN = NaN: the cache must start as zeros) and commits each page when it is first written
-            self._mapping = mmap.mmap(-1, max(1, per_layer * config.num_hidden_layers))
-            memory = torch.frombuffer(self._mapping, dtype=torch.uint8)
-        offset = 0
-
-        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            nonlocal offset
-            if self._mapping is None:
-                return torch.zeros(shape, dtype=dtype, device=device)
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            tensor = memory[offset:offset + size].view(dtype).view(shape)
-            offset += -(-size // 64) * 64
-            return tensor
-
+        per_layer = [((slots, hkv, config.head_dim), dtype)] * 2  # k, v
         if dtype == torch.int8:
-            self.layers: list[KVCache] = [
-                Int8KVCache(zeros(shape, dtype), zeros(shape, dtype), zeros((slots, hkv, 2), torch.float32))
-                for _ in range(config.num_hidden_layers)]
-        else:
-            self.layers = [(zeros(shape, dtype), zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
+            per_layer.append(((slots, hkv, 2), torch.float32))  # the scales
+        tensors, self._mapping = _zeroed_tensors(per_layer * config.num_hidden_layers, device)
+        n = len(per_layer)
+        groups = [tensors[i:i + n] for i in range(0, len(tensors), n)]
+        self.layers: list[KVCache] = [Int8KVCache(*g) if dtype == torch.int8 else (g[0], g[1]) for g in groups]
         self.block_size = block_size
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
@@ -83,6 +63,23 @@ class KVCacheTensors:
         for layer in self.layers:
             for t in layer:  # k, v (and an int8 cache's scales): all indexed by slot in dim 0
                 t.index_copy_(0, dst, t.index_select(0, src))
+
+
+def _zeroed_tensors(specs: list[tuple[tuple[int, ...], torch.dtype]],
+                    device: torch.device) -> tuple[list[torch.Tensor], mmap.mmap | None]:
+    """Zero tensors of the given (shape, dtype) and, on CPU, the anonymous memory map they all lie in (each
+    64-byte aligned): the kernel hands out zero pages and commits each page when it is first written. Zeros,
+    not garbage: masked-out slots are still multiplied by 0 in attention, and 0 * NaN = NaN."""
+    if device.type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in specs], None
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // 64) * 64)
+    mapping = mmap.mmap(-1, max(1, starts[-1]))
+    memory = torch.frombuffer(mapping, dtype=torch.uint8)
+    return [memory[start:start + size].view(dtype).view(shape)
+            for (shape, dtype), start, size in zip(specs, starts[:-1], sizes, strict=True)], mapping
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
