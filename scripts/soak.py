@@ -60,8 +60,7 @@ def tree_rss_mb(pid: int) -> float:
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            total += _rss_kb(p)
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, StopIteration):
@@ -74,12 +73,17 @@ def rss_by_process_mb(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, p in enumerate([pid, *children(pid)]):
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            kb = _rss_kb(p)
         except (OSError, StopIteration):
             continue
         out["server" if i == 0 else _child_name(p)] = round(kb / 1024, 1)
     return out
+
+
+def _rss_kb(pid: int) -> int:
+    """VmRSS of a process in kB (OSError when it is gone, StopIteration for a zombie without the line)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
 
 
 def _child_name(pid: int) -> str:
