@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import multiprocessing
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -40,7 +39,7 @@ from tokenmill.engine.core_process import (
     run_engine_core,
     send,
 )
-from tokenmill.engine.info import EngineInfo, EngineStats, validate_request
+from tokenmill.engine.info import EngineInfo, EngineStats, leave_cores_to_the_engine, validate_request
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.model.source import load_tokenizer
@@ -92,10 +91,7 @@ class EngineCoreClient(StreamingEngine):
 
     def load(self) -> None:
         """Spawn the core process and wait for its model (the API process loads only the tokenizer)."""
-        # this process tokenizes and streams, and does not load torch (engine/info.py); where something else
-        # loaded it here (tests run in-process engines too), its threads must not compete with the core's
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(1)
+        leave_cores_to_the_engine()  # this process tokenizes and streams; the core computes
         tokenizer = load_tokenizer(self.config.model)  # a bad --model fails here, before any process starts
         spawn = multiprocessing.get_context("spawn")  # never fork a process that holds threads
         self._process = spawn.Process(target=run_engine_core, name="tokenmill-core", daemon=True,

@@ -7,6 +7,7 @@ engine core process fills ``EngineInfo`` in and sends it over (``engine/core_pro
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,14 @@ class EngineStepError(RuntimeError):
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
         super().__init__(f"engine step failed: {cause}")
         self.request_ids = request_ids
+
+
+def leave_cores_to_the_engine() -> None:
+    """For a process that only serves an engine running elsewhere (the API process, Ray Serve's ingress): torch
+    is not loaded there, but where something did load it (tests run in-process engines too), its threads are
+    cut to one so that they do not compete with the engine's."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams) -> None:

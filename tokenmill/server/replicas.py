@@ -23,7 +23,6 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream, StreamingEngine
-from tokenmill.engine.info import EngineInfo, EngineStats, validate_request
+from tokenmill.engine.info import EngineInfo, EngineStats, leave_cores_to_the_engine, validate_request
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.model.source import load_tokenizer
 from tokenmill.sampling_params import SamplingParams
@@ -346,10 +345,7 @@ class TokenmillIngress:
     """The HTTP side: the server's FastAPI app over a ReplicaPool."""
 
     async def __init__(self, engine: DeploymentHandle, options: IngressOptions) -> None:
-        # this process tokenizes and streams, and does not load torch; the replicas compute (where something
-        # here did load it, its threads must not compete with theirs)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(1)
+        leave_cores_to_the_engine()  # this process tokenizes and streams; the replicas compute
         self.options = options
         self.pool = await ReplicaPool.connect(engine, options.model)
 
