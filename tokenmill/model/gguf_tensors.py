@@ -20,12 +20,10 @@ def dequantize_tensor(info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """Dense tensor of ``info`` in ``dtype`` (shape ``info.shape``)."""
     t = info.ggml_type
     raw = torch.from_numpy(info.data)  # [rows, bytes_per_row] uint8
-    if t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+    if t in _FLOAT_TYPES:
         # a copy, not a view: a model tensor viewing the file's memory map would keep the whole map, and every
         # page of it the loader read, resident for the life of the process (93 MB for the default model)
-        float_type = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-                      GGMLQuantizationType.BF16: torch.bfloat16}[t]
-        return raw.view(float_type).reshape(info.shape).to(dtype, copy=True)
+        return raw.view(_FLOAT_TYPES[t]).reshape(info.shape).to(dtype, copy=True)
     if t in _TORCH_DEQUANT:
         out = _TORCH_DEQUANT[t](raw)
     else:  # k-quants: the gguf package's numpy reference dequantizer
@@ -61,6 +59,9 @@ def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return _f16_field(blocks, 0) * _nibbles(blocks[..., 4:]) + _f16_field(blocks, 2)
 
 
+# Unquantized GGML types, stored as the torch type's bytes.
+_FLOAT_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+                GGMLQuantizationType.BF16: torch.bfloat16}
 # The common simple formats run as torch ops (several times faster than the numpy reference).
 _TORCH_DEQUANT = {GGMLQuantizationType.Q8_0: _dequant_q8_0, GGMLQuantizationType.Q4_0: _dequant_q4_0,
                   GGMLQuantizationType.Q4_1: _dequant_q4_1}
