@@ -62,6 +62,7 @@ def test_mixed_batch_matches_naive_attention():
     cases = make_cases([(2, 1), (8, 1), (14, 1), (14, 5), (6, 6)])
     out, meta, _, _ = run(cases)
     assert meta.num_decode_tokens == 3 and len(meta.prefills) == 2
+    assert not meta.decode_unpadded  # contexts of 1, 7 and 13 tokens: two rows padded
     assert meta.prefills[1].gather_index is None  # fresh prefill attends to its own K/V only
     start = 0
     for c in cases:
@@ -75,7 +76,7 @@ def test_unpadded_decodes_match_naive_attention(specs):
     # one decode, or decodes of one length: no padding, so attention runs unmasked (SDPA)
     cases = make_cases(specs, seed=4)
     out, meta, _, _ = run(cases)
-    assert meta.decode_unpadded()
+    assert meta.decode_unpadded
     for i, c in enumerate(cases):
         torch.testing.assert_close(out[i:i + 1], naive_attention(c.q, c.k, c.v, c.num_cached), atol=1e-5, rtol=1e-5)
 

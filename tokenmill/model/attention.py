@@ -122,11 +122,14 @@ class AttentionMetadata:
     decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
     decode_padding: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = padding no query may attend
     prefills: list[PrefillSlice]
+    # no decode row is padded (one sequence, or all contexts of one length); known on the host, so a
+    # compiled decode branches on a Python bool, not on a tensor read back mid-graph
+    decode_unpadded: bool = False
     # batch-invariant mode: every query is computed alone over its padded context (model/batch_invariant.py)
     batch_invariant: bool = False
     window: int | None = None  # the sliding window these metadata were built for (None: full attention)
     # tensors derived from the above on first use and then shared by every layer of the step
-    _derived: dict[str, torch.Tensor | bool] = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     # what build() was given, for the sliding-window variants (windowed()), built once per step and window
     _seqs: list[SeqSlice] = field(default_factory=list, repr=False, compare=False)
     _block_size: int = field(default=1, repr=False, compare=False)
@@ -141,12 +144,6 @@ class AttentionMetadata:
             heads = torch.arange(num_kv_heads, device=idx.device)
             self._derived["rows"] = (idx[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
         return self._derived["rows"]
-
-    def decode_unpadded(self) -> bool:
-        """True when no decode row is padded: one sequence, or all contexts of one length."""
-        if "unpadded" not in self._derived:
-            self._derived["unpadded"] = not bool(self.decode_padding.any())
-        return self._derived["unpadded"]
 
     def windowed(self, window: int) -> AttentionMetadata:
         """This step's metadata for a sliding-window layer: each query attends only to the last ``window``
@@ -167,8 +164,9 @@ class AttentionMetadata:
         decodes = seqs[:_num_leading_decodes(seqs)]
         slot_parts: list[torch.Tensor] = []
         decode_gather = decode_padding = None
+        unpadded = False
         if decodes:
-            decode_gather, decode_padding, decode_slots = _decode_tensors(decodes, block_size, window)
+            decode_gather, decode_padding, decode_slots, unpadded = _decode_tensors(decodes, block_size, window)
             slot_parts.append(decode_slots)
         prefills: list[PrefillSlice] = []
         offset = len(decodes)
@@ -187,7 +185,7 @@ class AttentionMetadata:
             num_decode_tokens=len(decodes),
             decode_gather_index=None if decode_gather is None else decode_gather.to(device),
             decode_padding=None if decode_padding is None else decode_padding.to(device),
-            prefills=prefills, batch_invariant=batch_invariant, window=window,
+            prefills=prefills, decode_unpadded=unpadded, batch_invariant=batch_invariant, window=window,
             _seqs=seqs, _block_size=block_size, _device=device,
         )
 
@@ -226,9 +224,10 @@ def _prefill_slice(seq: SeqSlice, seq_slots: torch.Tensor, first: int, offset: i
 
 
 def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(gather [Bd, Kmax] slots of each decode's context, padding [Bd, 1, 1, Kmax] True = no key there,
-    slots [Bd] where each decode's new token goes), from the decodes' block tables padded to one tensor."""
+    slots [Bd] where each decode's new token goes, whether no row is padded), from the decodes' block
+    tables padded to one tensor."""
     totals = torch.tensor([s.num_computed_tokens + 1 for s in decodes])  # positions 0 .. total - 1 exist
     num_blocks = max(len(s.block_table) for s in decodes)
     table = torch.tensor([s.block_table + [0] * (num_blocks - len(s.block_table)) for s in decodes],
@@ -246,7 +245,7 @@ def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
         gather = slots.gather(1, cols)
     padding = torch.arange(kmax)[None, :] >= lens[:, None]  # [Bd, Kmax]
     # padded columns point at real slots (any: no query attends to them), so the gather stays in range
-    return gather.contiguous(), padding[:, None, None, :], new_slots
+    return gather.contiguous(), padding[:, None, None, :], new_slots, bool((lens == kmax).all())
 
 
 class AttentionBackend(Protocol):
@@ -298,7 +297,7 @@ class TorchSDPABackend:
         # over the same keys
         qg = q.reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         int8 = isinstance(kv_cache, Int8KVCache)
-        if not int8 and not batch_invariant and meta.decode_unpadded():
+        if not int8 and not batch_invariant and meta.decode_unpadded:
             # No padding (one sequence, or all of one length): unmasked SDPA, ~1.5x faster per layer than the
             # matmuls below for one sequence; with a padding mask it was no faster at 4 to 32 sequences
             out = F.scaled_dot_product_attention(qg, keys, values, scale=scale)
