@@ -226,13 +226,26 @@ class EngineCore:
         return generator
 
     def _warm_up_compiled_decode(self) -> None:
-        """Compile the decode graphs now (one sequence, then several), not in the first user's request."""
+        """Compile the decode graphs now, not in a user's request: one per shape class a decode step can take
+        (one sequence, which attends unmasked; several, with a padding mask). Afterwards a step that would need
+        yet another graph runs eagerly instead of stalling for a compile."""
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        for batch in (1, 2):
-            for i in range(batch):
-                self.add_request([1 + i] * (8 + 3 * i), params, request_id=f"warmup-{batch}-{i}")
-            while self.has_unfinished():
-                self.step()
+        variants = (("one sequence", [8]), ("several sequences", [8, 11]))
+        start = time.perf_counter()
+        # Python floats (scales, eps) stay constants: traced as symbols they made dynamo restart every trace.
+        # No duck sizing: a context length that happened to equal a model size (3 KV heads) was tied to it and
+        # the first graph came out static in the context length.
+        with torch._dynamo.config.patch(specialize_float=True), torch.fx.experimental._config.patch(
+                use_duck_shape=False):
+            for i, (name, prompt_lens) in enumerate(variants, 1):
+                logger.info("compiling decode graph %d/%d (%s) ...", i, len(variants), name)
+                for j, n in enumerate(prompt_lens):
+                    self.add_request([1 + j] * n, params, request_id=f"warmup-{i}-{j}")
+                while self.has_unfinished():
+                    self.step()
+                logger.info("decode graph %d/%d ready, %.0f s since compiling began", i, len(variants),
+                            time.perf_counter() - start)
+        torch.compiler.set_stance("eager_on_recompile")
         counters = self.scheduler.counters
         counters.prompt_tokens = counters.generation_tokens = 0
         counters.prefix_cache_queries = counters.prefix_cache_hits = 0

@@ -122,8 +122,9 @@ class AttentionMetadata:
     decode_gather_index: torch.Tensor | None  # [Bd, Kmax] slots of each decode's context (padded)
     decode_padding: torch.Tensor | None  # [Bd, 1, 1, Kmax] bool, True = padding no query may attend
     prefills: list[PrefillSlice]
-    # no decode row is padded (one sequence, or all contexts of one length); known on the host, so a
-    # compiled decode branches on a Python bool, not on a tensor read back mid-graph
+    # one decode sequence: no row to pad, so attention runs unmasked. Known on the host, so a compiled
+    # decode branches on a Python bool, not on a tensor read back mid-graph. (Batches whose contexts are all
+    # one length need no padding either, but gained only 1-5% unmasked and would need their own compiled graph.)
     decode_unpadded: bool = False
     # batch-invariant mode: every query is computed alone over its padded context (model/batch_invariant.py)
     batch_invariant: bool = False
@@ -226,8 +227,8 @@ def _prefill_slice(seq: SeqSlice, seq_slots: torch.Tensor, first: int, offset: i
 def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(gather [Bd, Kmax] slots of each decode's context, padding [Bd, 1, 1, Kmax] True = no key there,
-    slots [Bd] where each decode's new token goes, whether no row is padded), from the decodes' block
-    tables padded to one tensor."""
+    slots [Bd] where each decode's new token goes, whether there is one decode and so nothing to pad), from
+    the decodes' block tables padded to one tensor."""
     totals = torch.tensor([s.num_computed_tokens + 1 for s in decodes])  # positions 0 .. total - 1 exist
     num_blocks = max(len(s.block_table) for s in decodes)
     table = torch.tensor([s.block_table + [0] * (num_blocks - len(s.block_table)) for s in decodes],
@@ -245,7 +246,7 @@ def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
         gather = slots.gather(1, cols)
     padding = torch.arange(kmax)[None, :] >= lens[:, None]  # [Bd, Kmax]
     # padded columns point at real slots (any: no query attends to them), so the gather stays in range
-    return gather.contiguous(), padding[:, None, None, :], new_slots, bool((lens == kmax).all())
+    return gather.contiguous(), padding[:, None, None, :], new_slots, len(decodes) == 1
 
 
 class AttentionBackend(Protocol):
@@ -298,8 +299,8 @@ class TorchSDPABackend:
         qg = q.reshape(bd, hkv, h // hkv, d)  # [Bd, Hkv, G, D]
         int8 = isinstance(kv_cache, Int8KVCache)
         if not int8 and not batch_invariant and meta.decode_unpadded:
-            # No padding (one sequence, or all of one length): unmasked SDPA, ~1.5x faster per layer than the
-            # matmuls below for one sequence; with a padding mask it was no faster at 4 to 32 sequences
+            # One sequence: unmasked SDPA, ~1.5x faster per layer than the matmuls below; with a padding mask
+            # it was no faster at 4 to 32 sequences
             out = F.scaled_dot_product_attention(qg, keys, values, scale=scale)
             return out.reshape(bd, h, d)  # [Bd, H, D]
         scores = torch.matmul(qg * scale, keys.transpose(-1, -2))  # [Bd, Hkv, G, Kmax]
