@@ -66,8 +66,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, several_models: bool =
                    help="K/V element type; auto: 16-bit (see docs/memory.md), int8: a scale per token and head")
     g.add_argument("--seed", type=int, default=ENGINE["seed"])
     g.add_argument("--threads", type=int, default=ENGINE["threads"])
-    g.add_argument("--compile", action="store_true", default=ENGINE["compile"],
-                   help="torch.compile the decode step: the first steps compile (about a minute), then decode is faster")
+    # serve compiles where it pays unless told (None: auto); the other commands only when asked
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None if several_models else False,
+                   help="torch.compile the decode steps at start-up (~11 s with the compile cache warm, about a "
+                        "minute the first time), then decode faster; serve's default: where it pays (packed "
+                        "int4 projections on a CPU)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=ENGINE["enable_prefix_caching"],
                    help="recompute every prompt instead of reusing the KV of prefixes seen before")

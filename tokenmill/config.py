@@ -144,7 +144,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     seed: int = 0
     threads: int | None = None
-    compile: bool = False  # torch.compile the decode step (slow first steps, faster decode)
+    # torch.compile the decode steps (a slower start, a faster decode); None: where it pays (EngineCore says where)
+    compile: bool | None = False
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of a prompt prefix seen before
     # a request's tokens do not depend on what else is in the batch (docs/determinism.md); costs speed
     batch_invariant: bool = False

@@ -129,7 +129,10 @@ def test_version_and_help_show_defaults(capsys):
 
 @pytest.mark.parametrize("argv", [["generate", "hi"], ["chat"], ["serve"], ["bench"]])
 def test_engine_flag_defaults_are_engine_config_defaults(argv):
-    assert engine_config_from_args(build_parser().parse_args(argv)) == EngineConfig()
+    # but serve's --compile: unless told, the server compiles its decode where that pays (compile=None: auto)
+    expected = EngineConfig(compile=None) if argv == ["serve"] else EngineConfig()
+    assert engine_config_from_args(build_parser().parse_args(argv)) == expected
+    assert engine_config_from_args(build_parser().parse_args([*argv, "--no-compile"])).compile is False
 
 
 def test_sampling_flag_defaults_are_sampling_params_defaults_but_length_and_temperature():

@@ -155,12 +155,41 @@ def test_request_whose_samples_cannot_all_fit_the_cache_is_rejected(tiny_path):
 
 
 def test_compiled_decode_matches_eager(tiny_path):
-    prompts = prompts_of_lengths([5, 12, 9])
+    from torch._dynamo.utils import counters
+
+    from tokenmill.engine.model_runner import CompiledDecode
+
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
-    eager = make_llm(tiny_path).generate(prompts, params, use_tqdm=False)
     compiled_llm = make_llm(tiny_path, compile=True)
-    compiled = compiled_llm.generate(prompts, params, use_tqdm=False)
-    assert token_lists(compiled) == token_lists(eager)
-    for a, b in zip(eager, compiled):
-        assert b.outputs[0].cumulative_logprob == pytest.approx(a.outputs[0].cumulative_logprob, abs=1e-4)
-    assert compiled_llm.engine.core.runner.decode_forward is not compiled_llm.engine.core.runner.model.forward
+    assert isinstance(compiled_llm.engine.core.runner.decode_forward, CompiledDecode)
+    graphs = counters["stats"]["unique_graphs"]  # start-up compiled one per decode shape class
+    # one sequence, a padded batch, a batch of one length: the start-up graphs serve them all, no compile mid-run
+    for lengths in ([9], [5, 12, 9], [7, 7, 7]):
+        prompts = prompts_of_lengths(lengths)
+        eager = make_llm(tiny_path).generate(prompts, params, use_tqdm=False)
+        compiled = compiled_llm.generate(prompts, params, use_tqdm=False)
+        assert token_lists(compiled) == token_lists(eager)
+        for a, b in zip(eager, compiled):
+            assert b.outputs[0].cumulative_logprob == pytest.approx(a.outputs[0].cumulative_logprob, abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_auto_picks_packed_int4_on_cpu(tiny_path, tiny_gguf_model):
+    import torch
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.core import compile_decode_choice
+
+    cpu = torch.device("cpu")
+
+    def choice(path, **kw):
+        core = make_llm(path).engine.core
+        config = EngineConfig(model=path, **kw)
+        return compile_decode_choice(config, core.runner.model, core.info.model_config, cpu)[0]
+
+    packed = str(tiny_gguf_model(ggml_type="Q4_0"))
+    assert choice(packed, compile=None) is True  # what `tokenmill serve` passes by default
+    assert choice(packed, compile=None, batch_invariant=True) is False
+    assert choice(packed, compile=False) is False
+    assert choice(tiny_path, compile=None) is False  # float weights: not measured to pay
+    assert choice(tiny_path, compile=True) is True

@@ -227,3 +227,20 @@ def test_hf_model_quantized_on_load_matches_its_dequantized_float_model(mode, mo
     monkeypatch.setattr(quant, "pick_compute_dtype", lambda device: torch.float32)
     out32, _ = logits(tensors)
     torch.testing.assert_close(out32, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_default_model_compiled_decode_gives_the_eager_tokens():
+    # what `tokenmill serve` runs by default: the packed model with its decode steps compiled. Default cache
+    # size, so the compiled graphs are the ones a default server compiles (and finds in the compile cache).
+    from tokenmill import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    runs = {}
+    for compile_decode in (False, True):
+        llm = LLM(compile=compile_decode)
+        runs[compile_decode] = [o.outputs[0] for o in llm.chat(conversations, greedy, use_tqdm=False)]
+        del llm
+    assert "Paris" in runs[True][0].text
+    same = sum(a.token_ids == b.token_ids for a, b in zip(runs[False], runs[True], strict=True))
+    assert same >= 4, ([o.text for o in runs[False]], [o.text for o in runs[True]])

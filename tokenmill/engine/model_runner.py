@@ -52,7 +52,7 @@ class ModelRunner:
         # them all (EngineCore warms them up); steps with prefill chunks, whose structure varies, stay eager
         # rather than recompiling. Compiling cuts the per-op dispatch overhead that dominates small-batch
         # decode on a CPU.
-        self.decode_forward = _compiled_decode(model.forward) if compile_decode else model.forward
+        self.decode_forward = CompiledDecode(model.forward) if compile_decode else model.forward
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
@@ -197,22 +197,35 @@ def _tokens(result, rows: list[int], s: ScheduledSeq) -> SampledTokens:
                          num_accepted_drafts=len(rows) - 1 if s.draft_token_ids else 0)
 
 
-def _compiled_decode(forward):
-    """``forward`` compiled for decode-only steps, static in everything but the batch and the context length.
+class CompiledDecode:
+    """``forward`` compiled for decode-only steps: static in everything but the batch and the context length.
 
     Static by default, not ``dynamic=True``: the KV cache tensors never change shape, and with 60 of them
     symbolic (sizes, strides, storage offsets) a warm start spent ~25 s per graph on shape guards; marked
-    this way it takes ~5 s (the persistent inductor cache holds the rest)."""
-    compiled = torch.compile(forward, dynamic=False)
+    this way it takes ~5 s, the persistent inductor cache holding the compiled code. ``EngineCore`` calls it
+    once per graph at start-up, then ``freeze()``: from then on a step that no graph fits runs eagerly
+    instead of stalling every stream for a compile."""
 
-    def decode_forward(input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
-                       meta: AttentionMetadata) -> torch.Tensor:
+    def __init__(self, forward) -> None:
+        self._compiled = torch.compile(forward, dynamic=False)
+        self._frozen = False
+
+    def freeze(self) -> None:
+        self._frozen = True
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if self._frozen:
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return self._compiled(input_ids, positions, kv_caches, meta)
         torch._dynamo.mark_dynamic(meta.decode_gather_index, 1)  # context length
         torch._dynamo.mark_dynamic(meta.decode_padding, 3)
         if input_ids.shape[0] > 1:  # batch size (one sequence gets its own graph: a dim of 1 is never dynamic)
             for t in (input_ids, positions, meta.slot_mapping, meta.decode_gather_index, meta.decode_padding):
                 torch._dynamo.mark_dynamic(t, 0)
-        return compiled(input_ids, positions, kv_caches, meta)
-
-    return decode_forward
-
+        # Python floats (scales, eps) stay constants: traced as symbols they made dynamo restart every trace.
+        # No duck sizing: a context length equal to a model size (3 KV heads) was tied to it, and the graph
+        # came out static in the context length.
+        with torch._dynamo.config.patch(specialize_float=True), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._compiled(input_ids, positions, kv_caches, meta)
