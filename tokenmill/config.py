@@ -171,6 +171,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.compile and self.batch_invariant:
+            raise ValueError("compile cannot be combined with batch_invariant: a compiled graph per batch shape "
+                             "rounds differently, which batch-invariant mode exists to prevent")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
 

@@ -193,3 +193,5 @@ def test_compile_auto_picks_packed_int4_on_cpu(tiny_path, tiny_gguf_model):
     assert choice(packed, compile=False) is False
     assert choice(tiny_path, compile=None) is False  # float weights: not measured to pay
     assert choice(tiny_path, compile=True) is True
+    with pytest.raises(ValueError, match="compile cannot be combined with batch_invariant"):
+        EngineConfig(compile=True, batch_invariant=True)

@@ -79,7 +79,7 @@ def compile_decode_choice(config: EngineConfig, model: torch.nn.Module, model_co
     if device.type != "cpu":
         return False, "auto: only measured on CPUs"
     if config.batch_invariant:
-        return False, "auto: batch-invariant attention stays eager"
+        return False, "auto: batch-invariant mode stays eager"
     if any(model_config.layer_window(i) is not None for i in range(model_config.num_hidden_layers)):
         return False, "auto: sliding-window layers build their metadata mid-forward, which does not compile"
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
