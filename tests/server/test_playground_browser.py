@@ -54,6 +54,7 @@ def serve_url(tmp_path_factory) -> Iterator[str]:
     log = (folder / "serve.log").open("w")
     cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", str(port), "--max-model-len", "512",
            "--max-num-seqs", "4", "--kv-cache-memory", "0.05", "--seed", "0",
+           "--no-compile",  # the page is under test, not the decode: skip compiling graphs for this cache size
            "--playground-tokenizer", str(train_bpe(folder / "tiny-bpe"))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
