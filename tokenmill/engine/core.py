@@ -72,8 +72,8 @@ def compile_decode_choice(config: EngineConfig, model: torch.nn.Module, model_co
                           device: torch.device) -> tuple[bool, str]:
     """Whether to compile the decode steps, and why. ``config.compile`` True or False decides; None (auto, what
     ``tokenmill serve`` passes) compiles where it was measured to pay: on a CPU, for a model whose projections
-    run packed int4 kernels (one stream 0.83-0.94x the eager time per token, 4 streams 0.82-0.87x, 32 streams
-    1.07-1.16x the throughput: docs/benchmarks.md), for ~11 s of start-up with the compile cache warm."""
+    run packed int4 kernels (0.72-0.83x the eager time per token at 1 and 4 streams, level at 32:
+    docs/benchmarks.md), for ~11 s of start-up with the compile cache warm."""
     if config.compile is not None:
         return config.compile, "--compile" if config.compile else "--no-compile"
     if device.type != "cpu":
