@@ -202,10 +202,10 @@ class CompiledDecode:
 
     Static by default, not ``dynamic=True``: the KV cache tensors never change shape, and with 60 of them
     symbolic (sizes, strides, storage offsets) a warm start spent ~25 s per graph on shape guards; marked
-    this way it takes ~5 s, the persistent inductor cache holding the compiled code. The model must not be
-    changed once compiled (its modules are not guarded). ``EngineCore`` calls it
+    this way it takes ~5 s, the persistent inductor cache holding the compiled code. ``EngineCore`` calls it
     once per graph at start-up, then ``freeze()``: from then on a step that no graph fits runs eagerly
-    instead of stalling every stream for a compile."""
+    instead of stalling every stream for a compile. The model must not change once compiled: its modules
+    are not guarded."""
 
     def __init__(self, forward) -> None:
         # No guards on the model's modules and parameters: they never change after loading, and checking

@@ -165,9 +165,8 @@ class AttentionMetadata:
         decodes = seqs[:_num_leading_decodes(seqs)]
         slot_parts: list[torch.Tensor] = []
         decode_gather = decode_padding = None
-        unpadded = False
         if decodes:
-            decode_gather, decode_padding, decode_slots, unpadded = _decode_tensors(decodes, block_size, window)
+            decode_gather, decode_padding, decode_slots = _decode_tensors(decodes, block_size, window)
             slot_parts.append(decode_slots)
         prefills: list[PrefillSlice] = []
         offset = len(decodes)
@@ -186,7 +185,7 @@ class AttentionMetadata:
             num_decode_tokens=len(decodes),
             decode_gather_index=None if decode_gather is None else decode_gather.to(device),
             decode_padding=None if decode_padding is None else decode_padding.to(device),
-            prefills=prefills, decode_unpadded=unpadded, batch_invariant=batch_invariant, window=window,
+            prefills=prefills, decode_unpadded=len(decodes) == 1, batch_invariant=batch_invariant, window=window,
             _seqs=seqs, _block_size=block_size, _device=device,
         )
 
@@ -225,10 +224,9 @@ def _prefill_slice(seq: SeqSlice, seq_slots: torch.Tensor, first: int, offset: i
 
 
 def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gather [Bd, Kmax] slots of each decode's context, padding [Bd, 1, 1, Kmax] True = no key there,
-    slots [Bd] where each decode's new token goes, whether there is one decode and so nothing to pad), from
-    the decodes' block tables padded to one tensor."""
+    slots [Bd] where each decode's new token goes), from the decodes' block tables padded to one tensor."""
     totals = torch.tensor([s.num_computed_tokens + 1 for s in decodes])  # positions 0 .. total - 1 exist
     num_blocks = max(len(s.block_table) for s in decodes)
     table = torch.tensor([s.block_table + [0] * (num_blocks - len(s.block_table)) for s in decodes],
@@ -246,7 +244,7 @@ def _decode_tensors(decodes: list[SeqSlice], block_size: int, window: int | None
         gather = slots.gather(1, cols)
     padding = torch.arange(kmax)[None, :] >= lens[:, None]  # [Bd, Kmax]
     # padded columns point at real slots (any: no query attends to them), so the gather stays in range
-    return gather.contiguous(), padding[:, None, None, :], new_slots, len(decodes) == 1
+    return gather.contiguous(), padding[:, None, None, :], new_slots
 
 
 class AttentionBackend(Protocol):
