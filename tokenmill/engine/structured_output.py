@@ -120,15 +120,14 @@ class Grammar:
         is unchanged; they must be valid (``valid_prefix``)."""
         import torch  # the engine core's side only (see the module docstring)
 
-        mask = torch.full((1 + len(draft_token_ids), self.num_words), -1, dtype=torch.int32)
-        for j, token in enumerate([*draft_token_ids, None]):
-            row = mask[j]
-            self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        rows = []
+        for token in [*draft_token_ids, None]:
+            rows.append(self.allowed_now())
             if token is not None and not self._matcher.consume_token(token):
                 raise RuntimeError(f"grammar rejected draft token {token}: {self._matcher.get_error()}")
         if draft_token_ids:
             self._matcher.rollback(len(draft_token_ids))
-        return mask
+        return torch.from_numpy(np.stack(rows))
 
     def allowed_now(self) -> np.ndarray:
         """[ceil(V / 32)] int32 bitmask of the tokens allowed in the current state (bit t % 32 of word t // 32)."""
