@@ -12,6 +12,7 @@ import torch
 from tokenmill import LLM, SamplingParams
 from tokenmill.bench.offline import kv_cache_info
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.core import dtype_name
 from tokenmill.engine.kv_cache import KVCacheTensors, bytes_per_token, resolve_kv_cache_dtype
 from tokenmill.engine.metrics import EngineMetrics
 from tokenmill.model.attention import AttentionMetadata, Int8KVCache, SeqSlice, TorchSDPABackend, quantize_kv
@@ -126,7 +127,7 @@ def float32_run():
 def test_16_bit_cache_keeps_greedy_output_and_logprobs(float32_run, kv_dtype):
     ref_tokens, ref_logprobs, _ = float32_run
     tokens, logprobs, _, llm = _greedy_and_perplexity(kv_dtype, perplexity=False)
-    assert llm.engine.info.kv_cache_dtype == str(DTYPES[kv_dtype]).removeprefix("torch.")
+    assert llm.engine.info.kv_cache_dtype == dtype_name(DTYPES[kv_dtype])
     if kv_dtype == "float16":  # its 10-bit mantissa: all 5 golden prompts keep their first 16 tokens
         assert all(a[:16] == b[:16] for a, b in zip(tokens, ref_tokens, strict=True))
     # bfloat16's 7-bit mantissa turns one prompt's 9th token (measured), as every path reads rounded K/V
