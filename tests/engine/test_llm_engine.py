@@ -181,9 +181,12 @@ def test_compile_auto_picks_packed_int4_on_cpu(tiny_path, tiny_gguf_model):
     from tokenmill.engine.core import compile_decode_choice
 
     cpu = torch.device("cpu")
+    cores = {}
 
     def choice(path, **kw):
-        core = make_llm(path).engine.core
+        if path not in cores:  # each model loaded once
+            cores[path] = make_llm(path).engine.core
+        core = cores[path]
         config = EngineConfig(model=path, **kw)
         return compile_decode_choice(config, core.runner.model, core.info.model_config, cpu)[0]
 
